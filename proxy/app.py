@@ -1,0 +1,555 @@
+"""The proxy application: routes, the request path, and the resources the app owns.
+
+One request flows one way: admission (target, client token, body, queue) -> credentials ->
+send -> classify the answer -> respond. Errors raised anywhere on that path become a
+Constant Contact-shaped answer in `edge_middleware`, which also writes the one
+`request_finished` log line and the request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import Config
+from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
+from proxy.errors import (
+    BodyTooLarge,
+    ClientUnauthorized,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    Throttled,
+    Unavailable,
+)
+from proxy.forward import (
+    IDEMPOTENT,
+    QUOTA_BODY_LIMIT,
+    ConnectionLost,
+    Target,
+    Upstream,
+    check_target,
+    outbound_headers,
+    stream_back,
+)
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
+from proxy.quota import (
+    FLUSH_INTERVAL,
+    KeyQueue,
+    Limits,
+    LocalBackend,
+    QuotaBackend,
+    QuotaEngine,
+    SystemClock,
+    Ticket,
+    next_reset,
+)
+from proxy.upstream_errors import Generation, QuotaKind, classify, error_key_for
+
+log = get_logger("proxy")
+
+_SECRET_PARAMS = ("api_key", "access_token", "refresh_token", "client_secret", "code")
+_JSON = "application/json"
+
+
+@dataclass
+class AppState:
+    """What the app owns while it runs (created in `cleanup_ctx`, closed on shutdown)."""
+
+    config: Config
+    engine: QuotaEngine
+    backend: QuotaBackend
+    upstream: Upstream
+    injector: Injector
+    tokens: TokenSource
+    metrics: Metrics
+    mode: Callable[[], str] = lambda: "local"
+    shutting_down: bool = False
+    ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the request_finished line says about one request."""
+
+    request_id: str
+    started: float
+    method: str
+    path: str
+    generation: Generation = "v2"
+    key: str | None = None
+    queue: KeyQueue | None = None
+    queued: float = 0.0
+    upstream_status: int | None = None
+    outcome: str = "forwarded"
+    replays: int = 0
+
+
+CONFIG = web.AppKey("config", Config)
+STATE = web.AppKey("state", AppState)
+RECORD = web.RequestKey("record", RequestRecord)
+
+
+def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Application:
+    """Build the proxy application for a configuration (resources start with the app)."""
+    app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_resources(backend))
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/status", status_page)
+    app.router.add_route("*", "/v2/{tail:.*}", forward)
+    app.router.add_route("*", "/v3/{tail:.*}", forward)
+    return app
+
+
+def _resources(
+    backend: QuotaBackend | None,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        clock = SystemClock()
+        local = None
+        chosen = backend
+        if chosen is None:
+            assert config.state_dir is not None
+            local = LocalBackend(clock, config.state_dir / "daily.json")
+            chosen = local
+        engine = QuotaEngine(
+            Limits(config.qps, config.daily_quota, config.max_queue, config.pacing_margin),
+            chosen,
+            clock,
+        )
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=config.connect_timeout, sock_read=config.upstream_timeout
+            ),
+            auto_decompress=False,
+            # Never add headers the client did not send, and never carry cookies between clients.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        mode = getattr(chosen, "mode", None)
+        state = AppState(
+            config=config,
+            engine=engine,
+            backend=chosen,
+            upstream=Upstream(session, {"v2": config.upstream_v2, "v3": config.upstream_v3}),
+            injector=Injector(config.api_key, config.client_token),
+            tokens=TokenSource(config.access_token),
+            metrics=Metrics(engine.status, mode if callable(mode) else lambda: "local"),
+        )
+        app[STATE] = state
+        flusher = None
+        if local is not None:
+            flusher = asyncio.get_running_loop().create_task(_flush_forever(local))
+        try:
+            yield
+        finally:
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            engine.shutdown(retry_after=1)
+            if local is not None:
+                local.flush()
+            await session.close()
+
+    return resources
+
+
+async def _flush_forever(backend: LocalBackend) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        try:
+            backend.flush()
+        except OSError as exc:
+            log.warning("state_not_saved", error=str(exc))
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    state = app[STATE]
+    state.shutting_down = True
+    queued = sum(q.queued for q in state.engine.queues.values())
+    log.info("shutting_down", queued=queued, grace_seconds=state.config.shutdown_grace)
+    state.engine.shutdown(retry_after=max(1.0, state.config.shutdown_grace))
+
+
+# -- the edge: one place that turns errors into answers and writes the request line --------
+
+
+def _error_response(error: ProxyError, generation: Generation) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.body(generation),
+        content_type=_JSON,
+        headers=error.headers(),
+    )
+
+
+def _loggable_target(raw: str) -> str:
+    path, sep, query = raw.partition("?")
+    if not sep:
+        return redact(path)
+    kept = strip_params(query, _SECRET_PARAMS)
+    dropped = [p.partition("=")[0] for p in query.split("&") if p and p not in kept.split("&")]
+    suffix = "&".join(filter(None, [kept, *(f"{name}=***" for name in dropped)]))
+    return redact(f"{path}?{suffix}")
+
+
+@web.middleware
+async def edge_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn the proxy's errors into CC-shaped answers; log and count every request once."""
+    request_id = request.headers.get("X-Request-Id", "")[:128]
+    if not request_id or not request_id.isprintable():
+        request_id = uuid.uuid4().hex
+    raw = request.raw_path
+    record = RequestRecord(
+        request_id=request_id,
+        started=time.monotonic(),
+        method=request.method,
+        path=_loggable_target(raw),
+        generation="v3" if raw.startswith("/v3/") else "v2",
+    )
+    request[RECORD] = record
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+    except ProxyError as error:
+        record.outcome = error.outcome
+        response = _error_response(error, record.generation)
+    except web.HTTPNotFound:
+        record.outcome = "refused"
+        response = _error_response(NotFound("Nothing is served at this path."), record.generation)
+    except web.HTTPMethodNotAllowed:
+        record.outcome = "refused"
+        response = _error_response(
+            MethodNotAllowed("This method is not allowed here."), record.generation
+        )
+    except asyncio.CancelledError:
+        record.outcome = "abandoned"
+        raise
+    except Exception as exc:  # the one catch-all: the process keeps serving, nothing leaks
+        record.outcome = "failed"
+        log.error("request_crashed", request_id=request_id, error=redact(repr(exc)))
+        response = _error_response(
+            ProxyError("The proxy failed to handle this request."), record.generation
+        )
+    finally:
+        _finish(request, record, response)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+        if record.queue is not None and response.status == 429:
+            response.headers.update(_rate_headers(request.app[STATE], record.queue))
+    return response
+
+
+def _finish(
+    request: web.Request, record: RequestRecord, response: web.StreamResponse | None
+) -> None:
+    state = request.app.get(STATE)
+    status = response.status if response is not None else 499
+    duration = time.monotonic() - record.started
+    if state is not None:
+        metrics = state.metrics
+        metrics.requests.labels(record.outcome, str(status)).inc()
+        if record.outcome == "throttled":
+            metrics.throttled.labels("daily" if _is_daily(response) else "per_second").inc()
+    log.info(
+        "request_finished",
+        request_id=record.request_id,
+        method=record.method,
+        path=record.path,
+        key=record.key,
+        queued_ms=round(record.queued * 1000, 1),
+        upstream_status=record.upstream_status,
+        status=status,
+        outcome=record.outcome,
+        replays=record.replays,
+        duration_ms=round(duration * 1000, 1),
+    )
+
+
+def _is_daily(response: web.StreamResponse | None) -> bool:
+    body = getattr(response, "body", None)
+    return isinstance(body, bytes) and (b"ratelimit" in body or b"quota_exceeded" in body)
+
+
+def _rate_headers(state: AppState, queue: KeyQueue) -> dict[str, str]:
+    """Draft IETF RateLimit-Policy / RateLimit fields for the per-second and daily policies."""
+    config = state.config
+    wall = time.time()
+    reset = next_reset(wall)
+    per_second_left = max(0, math.floor(config.qps) - 1 - queue.queued)
+    daily_left = max(0, config.daily_quota - queue.sent_today)
+    return {
+        "RateLimit-Policy": (
+            f'"per-second";q={math.floor(config.qps)};w=1, "daily";q={config.daily_quota};w=86400'
+        ),
+        "RateLimit": (
+            f'"per-second";r={per_second_left};t={math.ceil(queue.predicted_wait(0))}, '
+            f'"daily";r={daily_left};t={math.ceil(reset - wall)}'
+        ),
+    }
+
+
+# -- the request path ---------------------------------------------------------------------
+
+
+def _wait_preference(prefer: str | None) -> int | None:
+    """The `wait` preference of a Prefer header (RFC 7240), in seconds, if any."""
+    if not prefer:
+        return None
+    for item in prefer.split(","):
+        name, _, value = item.split(";")[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            if value.isdigit():
+                return int(value)
+    return None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+    if not request.body_exists:
+        return b""
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(
+                f"The request body is larger than the proxy's limit of {limit} bytes."
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Queue a /v2 or /v3 request for its key, send it with our credentials, answer."""
+    state = request.app[STATE]
+    record = request[RECORD]
+    if request.method == "CONNECT":
+        raise MethodNotAllowed("CONNECT is not supported; this proxy only forwards API calls.")
+    target = check_target(request.raw_path)
+    if state.shutting_down:
+        raise Unavailable("The proxy is shutting down; retry shortly.", retry_after=1)
+    headers_in = request.headers
+    client_auth = headers_in.get("Authorization")
+    if not state.injector.admits(target.query, client_auth, headers_in.get("Proxy-Authorization")):
+        raise ClientUnauthorized("A valid client token is required to use this proxy.")
+    token = await state.tokens.current()
+    out = state.injector.outbound(target.generation, target.query, client_auth, token)
+    record.key = fingerprint(out.quota_key)
+    body = await _read_body(request, state.config.max_body)
+
+    budget = float(state.config.max_wait)
+    preferred = _wait_preference(headers_in.get("Prefer"))
+    if preferred is not None and preferred < budget:
+        budget = float(preferred)
+    queue = await state.engine.load(out.quota_key)
+    record.queue = queue
+    ticket = queue.admit(budget)
+    url = state.upstream.url(target, out.raw_query)
+    headers = outbound_headers(
+        headers_in, out.authorization, record.request_id, request.remote, request.scheme
+    )
+    connection_retried = False
+    try:
+        while True:
+            await queue.wait(ticket)
+            sent = time.monotonic()
+            record.queued = sent - ticket.enqueued
+            state.metrics.queue_wait.observe(record.queued)
+            try:
+                upstream = await state.upstream.send(request.method, url, headers, body)
+            except ConnectionLost as lost:
+                log.warning(
+                    "upstream_connection_lost", request_id=record.request_id, detail=lost.detail
+                )
+                if request.method in IDEMPOTENT and not connection_retried:
+                    connection_retried = True
+                    await queue.replay(
+                        ticket, None, error_key_for(QuotaKind.PER_SECOND, target.generation)
+                    )
+                    continue
+                raise
+            state.metrics.upstream_latency.observe(time.monotonic() - sent)
+            record.upstream_status = upstream.status
+            buffered = None
+            if upstream.status in (403, 429):
+                buffered = await upstream.content.read(QUOTA_BODY_LIMIT)
+                kind = classify(target.generation, upstream.status, upstream.headers, buffered)
+                if kind is not QuotaKind.NONE:
+                    upstream.release()
+                    await _on_quota_error(state, record, target, queue, ticket, kind, upstream)
+                    continue
+            queue.sent_ok()
+            if record.outcome == "forwarded" and record.replays:
+                record.outcome = "replayed"
+            extra = CIMultiDict(_rate_headers(state, queue))
+            extra["X-Request-Id"] = record.request_id
+            extra["Server-Timing"] = f"queue;dur={record.queued * 1000:.1f}"
+            if preferred is not None and preferred <= state.config.max_wait:
+                extra["Preference-Applied"] = f"wait={preferred}"
+            try:
+                return await stream_back(request, upstream, extra, buffered)
+            finally:
+                upstream.release()
+    finally:
+        queue.leave(ticket)
+
+
+async def _on_quota_error(
+    state: AppState,
+    record: RequestRecord,
+    target: Target,
+    queue: KeyQueue,
+    ticket: Ticket,
+    kind: QuotaKind,
+    upstream: aiohttp.ClientResponse,
+) -> None:
+    """Learn from a gateway quota error: replay after a per-second one, pause after a daily one."""
+    state.metrics.quota_errors.labels(kind.value).inc()
+    error_key = error_key_for(kind, target.generation)
+    if kind is QuotaKind.PER_SECOND:
+        retry_after = _retry_after_header(upstream.headers.get("Retry-After"))
+        log.info("upstream_over_qps", request_id=record.request_id, key=record.key)
+        await queue.replay(ticket, retry_after, error_key)
+        record.replays += 1
+        state.metrics.replays.inc()
+        return
+    hour = state.config.v2_reset_hour if target.generation == "v2" else 0
+    until = next_reset(time.time(), hour)
+    log.warning("upstream_daily_quota", key=record.key, paused_until=until)
+    await queue.pause_daily(until)
+    raise Throttled(
+        "The daily quota for this API key is used up at the gateway; retry after "
+        f"{math.ceil(until - time.time())} seconds.",
+        retry_after=until - time.time(),
+        kind=QuotaKind.DAILY,
+        error_key=error_key,
+    )
+
+
+def _retry_after_header(value: str | None) -> float | None:
+    if value and value.strip().isdigit():
+        return float(value.strip())
+    return None
+
+
+# -- operator endpoints -------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to serve: upstreams configured, shared state and credentials usable."""
+    state = request.app[STATE]
+    problems = [p for check in state.ready_checks if (p := await check())]
+    if not state.tokens.ready:
+        problems.append("the proxy's OAuth credentials need attention")
+    if state.shutting_down:
+        problems.append("shutting down")
+    body = {"ready": not problems, "mode": state.mode(), "problems": problems}
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """Per-key quota state as JSON; keys appear only as fingerprints."""
+    state = request.app[STATE]
+    config = state.config
+    body = {
+        "mode": state.mode(),
+        "qps": config.qps,
+        "daily_quota": config.daily_quota,
+        "upstreams": {"v2": str(config.upstream_v2), "v3": str(config.upstream_v3)},
+        "keys": state.engine.status(),
+    }
+    return web.Response(text=redact(json.dumps(body)), content_type=_JSON)
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+    """Run the proxy until SIGTERM or SIGINT, then shut down gracefully."""
+
+    def listening(host: str, port: int) -> None:
+        log.info("listening", host=host, port=port, config=config.redacted())
+        if ready is not None:
+            ready(host, port)
+
+    await run_until_stopped(
+        make_app(config), config.host, config.port, config.shutdown_grace, listening
+    )
+
+
+async def run_until_stopped(
+    app: web.Application,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    ready: Callable[[str, int], None],
+) -> None:
+    """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that leaves gives up its place in the queue
+        auto_decompress=False,  # request bodies are forwarded as sent
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    ready(host, _bound_port(runner) or port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return None

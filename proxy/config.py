@@ -1,0 +1,425 @@
+"""The proxy's configuration: one table of settings, one frozen value built from it.
+
+Every setting has a flag and an environment twin; flags win over the environment, the
+environment over defaults. The table also feeds the CLI's help and the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from yarl import URL
+
+from proxy.credentials import Secret
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_UPSTREAM_V2 = "https://api.constantcontact.com"
+DEFAULT_UPSTREAM_V3 = "https://api.cc.email"
+DEFAULT_TOKEN_URL = "https://authz.constantcontact.com/oauth2/default/v1/token"
+DEFAULT_QPS = 4.0
+DEFAULT_DAILY_QUOTA = 10_000
+DEFAULT_MAX_WAIT = 30.0
+DEFAULT_MAX_QUEUE = 10_000
+# Arrivals at the gateway can bunch up by the spread of network latency; spacing sends
+# (1 s + margin) / qps apart keeps any one-second span at or under qps arrivals when that
+# spread is below the margin. 25 ms absorbs the benchmark's 20 ms jitter plus local noise
+# (bench/quota.py measured 0 rejections at 97.5% utilisation with it).
+DEFAULT_PACING_MARGIN = 0.025
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_UPSTREAM_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_GRACE = 25.0
+DEFAULT_REPLICAS = 1
+
+LogFormat = Literal["console", "json"]
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _hour(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 23:
+        raise ValueError("must be an hour from 0 to 23")
+    return value
+
+
+def _http_url(text: str) -> URL:
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if url.query_string or url.fragment or url.user or url.password:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _redis_url(text: str) -> Secret:
+    url = URL(text)
+    if url.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return Secret(text)
+
+
+def _secret(text: str) -> Secret:
+    if not text.strip() or text != text.strip():
+        raise ValueError("must not be empty or padded with spaces")
+    return Secret(text)
+
+
+def _secrets(text: str) -> tuple[Secret, ...]:
+    return tuple(_secret(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _log_format(text: str) -> LogFormat:
+    if text == "console":
+        return "console"
+    if text == "json":
+        return "json"
+    raise ValueError("must be console or json")
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in _LOG_LEVELS:
+        raise ValueError("must be one of " + ", ".join(_LOG_LEVELS))
+    return text.lower()
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table: field, flag, environment twin, default and parser."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    default: str | None = None
+    repeatable: bool = False
+    is_flag: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "CTCT_PROXY_HOST", str, "address to listen on", DEFAULT_HOST),
+    Setting(
+        "port", "CTCT_PROXY_PORT", _port, "port (0 = pick a free one and log it)", str(DEFAULT_PORT)
+    ),
+    Setting(
+        "api_key", "CTCT_API_KEY", _secret, "v2 API key to inject (also names the v3 quota bucket)"
+    ),
+    Setting("access_token", "CTCT_ACCESS_TOKEN", _secret, "access token to inject"),
+    Setting(
+        "upstream_v2",
+        "CTCT_PROXY_UPSTREAM_V2",
+        _http_url,
+        "where /v2/... goes",
+        DEFAULT_UPSTREAM_V2,
+    ),
+    Setting(
+        "upstream_v3",
+        "CTCT_PROXY_UPSTREAM_V3",
+        _http_url,
+        "where /v3/... goes",
+        DEFAULT_UPSTREAM_V3,
+    ),
+    Setting(
+        "qps", "CTCT_PROXY_QPS", _positive_float, "per-key requests per second", str(DEFAULT_QPS)
+    ),
+    Setting(
+        "daily_quota",
+        "CTCT_PROXY_DAILY_QUOTA",
+        _positive_int,
+        "per-key requests per UTC day",
+        str(DEFAULT_DAILY_QUOTA),
+    ),
+    Setting(
+        "max_wait",
+        "CTCT_PROXY_MAX_WAIT",
+        _positive_float,
+        "longest a request may wait in the queue, seconds",
+        str(DEFAULT_MAX_WAIT),
+    ),
+    Setting(
+        "max_queue",
+        "CTCT_PROXY_MAX_QUEUE",
+        _positive_int,
+        "most requests queued per key; beyond it 429 at once",
+        str(DEFAULT_MAX_QUEUE),
+    ),
+    Setting(
+        "pacing_margin",
+        "CTCT_PROXY_PACING_MARGIN",
+        _non_negative_float,
+        "seconds added to each one-second window to absorb network jitter",
+        str(DEFAULT_PACING_MARGIN),
+    ),
+    Setting(
+        "max_body",
+        "CTCT_PROXY_MAX_BODY",
+        _positive_int,
+        "largest request body in bytes (kept for replays); larger answers 413",
+        str(DEFAULT_MAX_BODY),
+    ),
+    Setting(
+        "connect_timeout",
+        "CTCT_PROXY_CONNECT_TIMEOUT",
+        _positive_float,
+        "seconds to connect to the upstream (then 502)",
+        str(DEFAULT_CONNECT_TIMEOUT),
+    ),
+    Setting(
+        "upstream_timeout",
+        "CTCT_PROXY_UPSTREAM_TIMEOUT",
+        _positive_float,
+        "seconds to wait for upstream data (then 504)",
+        str(DEFAULT_UPSTREAM_TIMEOUT),
+    ),
+    Setting(
+        "v2_reset_hour",
+        "CTCT_PROXY_V2_RESET_HOUR",
+        _hour,
+        "UTC hour at which a v2 daily-quota pause ends",
+        "0",
+    ),
+    Setting(
+        "redis_url",
+        "CTCT_PROXY_REDIS_URL",
+        _redis_url,
+        "share quotas between replicas through this Redis",
+    ),
+    Setting(
+        "replicas",
+        "CTCT_PROXY_REPLICAS",
+        _positive_int,
+        "replicas sharing a key, for the fallback rate when Redis is away",
+        str(DEFAULT_REPLICAS),
+    ),
+    Setting(
+        "state_dir",
+        "CTCT_PROXY_STATE_DIR",
+        Path,
+        "where counters and tokens survive restarts (default: a per-user data dir)",
+    ),
+    Setting(
+        "log_format",
+        "CTCT_PROXY_LOG_FORMAT",
+        _log_format,
+        "console or json (default: console on a TTY, else json)",
+    ),
+    Setting(
+        "log_level", "CTCT_PROXY_LOG_LEVEL", _log_level, "debug, info, warning or error", "info"
+    ),
+    Setting(
+        "shutdown_grace",
+        "CTCT_PROXY_SHUTDOWN_GRACE",
+        _non_negative_float,
+        "seconds in-flight requests get to finish on SIGTERM",
+        str(DEFAULT_SHUTDOWN_GRACE),
+    ),
+    Setting(
+        "client_token",
+        "CTCT_PROXY_CLIENT_TOKENS",
+        _secrets,
+        "token a client must present (repeatable; env: comma-separated)",
+        repeatable=True,
+    ),
+    Setting(
+        "trust_network",
+        "CTCT_PROXY_TRUST_NETWORK",
+        _bool,
+        "allow listening beyond loopback without client tokens",
+        "false",
+        is_flag=True,
+    ),
+    Setting(
+        "client_id",
+        "CTCT_CLIENT_ID",
+        _secret,
+        "v3 OAuth client id (for refreshing the access token)",
+    ),
+    Setting(
+        "client_secret",
+        "CTCT_CLIENT_SECRET",
+        _secret,
+        "v3 OAuth client secret (absent for PKCE apps)",
+    ),
+    Setting("refresh_token", "CTCT_REFRESH_TOKEN", _secret, "v3 OAuth refresh token"),
+    Setting(
+        "token_url", "CTCT_PROXY_TOKEN_URL", _http_url, "OAuth token endpoint", DEFAULT_TOKEN_URL
+    ),
+)
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """A per-user data directory, following the XDG convention."""
+    base = env.get("XDG_DATA_HOME") or str(
+        Path(env.get("HOME", "~")).expanduser() / ".local" / "share"
+    )
+    return Path(base) / "ctct-proxy"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The proxy's settings, validated once at start-up and passed to whatever needs them."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: Secret | None = None
+    access_token: Secret | None = None
+    upstream_v2: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM_V2))
+    upstream_v3: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM_V3))
+    qps: float = DEFAULT_QPS
+    daily_quota: int = DEFAULT_DAILY_QUOTA
+    max_wait: float = DEFAULT_MAX_WAIT
+    max_queue: int = DEFAULT_MAX_QUEUE
+    pacing_margin: float = DEFAULT_PACING_MARGIN
+    max_body: int = DEFAULT_MAX_BODY
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    v2_reset_hour: int = 0
+    redis_url: Secret | None = None
+    replicas: int = DEFAULT_REPLICAS
+    state_dir: Path | None = None
+    log_format: LogFormat | None = None
+    log_level: str = "info"
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    client_token: tuple[Secret, ...] = ()
+    trust_network: bool = False
+    client_id: Secret | None = None
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None
+    token_url: URL = field(default_factory=lambda: URL(DEFAULT_TOKEN_URL))
+
+    @property
+    def spacing(self) -> float:
+        """Seconds between two sends of one key: the window plus its margin, over qps."""
+        return (1.0 + self.pacing_margin) / self.qps
+
+    def redacted(self) -> dict[str, object]:
+        """The effective configuration as loggable values (secrets shown as ***)."""
+        out: dict[str, object] = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
+            elif value is not None and not isinstance(value, bool | int | float):
+                value = str(value)
+            out[setting.name] = value
+        return out
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+        """Build from parsed flags (None = not given) and an environment mapping.
+
+        Raises ConfigError naming the flag (or its environment twin) of the first bad value.
+        """
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            given = flags.get(setting.name)
+            source = setting.flag
+            if given is None or given == []:
+                given = env.get(setting.env)
+                source = setting.env
+                if given is not None and setting.repeatable:
+                    given = [given]
+            if given is None:
+                if setting.default is None:
+                    continue
+                given, source = setting.default, setting.flag
+            try:
+                if setting.repeatable:
+                    parts: list[Secret] = []
+                    for item in given if isinstance(given, list) else [given]:
+                        parts.extend(setting.parse(item))
+                    values[setting.name] = tuple(parts)
+                else:
+                    values[setting.name] = setting.parse(given)
+            except ValueError as exc:
+                message = str(exc) if "must" in str(exc) else "is not a valid value"
+                raise ConfigError(f"{source}: {message}") from None
+        values.setdefault("state_dir", default_state_dir(env))
+        config = cls(**values)
+        if not _is_loopback(config.host) and not config.client_token and not config.trust_network:
+            raise ConfigError(
+                f"--host: listening on {config.host} needs --client-token (or --trust-network "
+                "if every program that can reach it may use your Constant Contact credentials)"
+            )
+        if config.refresh_token and not config.client_id:
+            raise ConfigError("--client-id: is required with --refresh-token")
+        return config
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so the environment can fill them."""
+    for setting in SETTINGS:
+        help_text = f"{setting.help} [env {setting.env}"
+        help_text += f"; default {setting.default}]" if setting.default is not None else "]"
+        if setting.is_flag:
+            parser.add_argument(
+                setting.flag, dest=setting.name, action="store_const", const="true", help=help_text
+            )
+        elif setting.repeatable:
+            parser.add_argument(setting.flag, dest=setting.name, action="append", help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=setting.name, help=help_text)
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment; read here so no other module touches os.environ."""
+    return os.environ

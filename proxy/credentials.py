@@ -1,0 +1,229 @@
+"""Everything that reads, injects, recognises or redacts a secret.
+
+This is the only module that looks inside credentials: the rest of the proxy sees a
+`Secret` (whose repr and str never show the value) and key fingerprints.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+API_KEY_PARAM = "api_key"
+_PARAM_NAMES_TO_STRIP = frozenset({API_KEY_PARAM})
+REDACTED = "***"
+NO_KEY = "(none)"
+V3_SHARED_BUCKET = "(v3-shared)"
+
+
+class Secret:
+    """A credential that prints as ``***`` everywhere; `reveal()` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        register_secret(value)
+
+    def reveal(self) -> str:
+        """The raw value, for putting on the wire and nowhere else."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({REDACTED!r})"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# Every secret the process has been told about, so that `redact` can scrub text it did not
+# produce (exception messages, upstream error text). Process-wide on purpose: a log line
+# written anywhere must be clean, whichever app instance holds the secret.
+_KNOWN_SECRETS: set[str] = set()
+_SECRET_PATTERN: list[re.Pattern[str]] = [
+    re.compile(
+        r"(?i)((?:api_key|access_token|refresh_token|client_secret|code_verifier|code)=)[^&\s\"']+"
+    ),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-._~+/=]+"),
+    re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]+"),
+]
+
+
+def register_secret(value: str) -> None:
+    """Remember a secret so that `redact` removes it from any text."""
+    if len(value) >= 4:
+        _KNOWN_SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """Remove every known secret and every credential-looking parameter from text."""
+    for secret in _KNOWN_SECRETS:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    for pattern in _SECRET_PATTERN:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def fingerprint(key: str) -> str:
+    """A short stable name for a key, safe to log, export and store."""
+    if key in (NO_KEY, V3_SHARED_BUCKET):
+        return key
+    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def jwt_client_id(token: str) -> str | None:
+    """The `cid` / `client_id` claim of a JWT, read without verifying (it only names a bucket)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    for claim in ("cid", "client_id"):
+        value = claims.get(claim)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` value, or None."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _param_name(piece: str) -> str:
+    return unquote(piece.partition("=")[0].replace("+", " "))
+
+
+def query_param_values(raw_query: str, name: str) -> list[str]:
+    """The decoded values of one parameter in a raw query string, in order."""
+    values = []
+    for piece in raw_query.split("&"):
+        if piece and _param_name(piece) == name:
+            values.append(unquote(piece.partition("=")[2].replace("+", " ")))
+    return values
+
+
+def strip_params(raw_query: str, names: Iterable[str]) -> str:
+    """The raw query without the named parameters; every other byte kept as sent."""
+    drop = frozenset(names)
+    return "&".join(p for p in raw_query.split("&") if p and _param_name(p) not in drop)
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """The credentials a request leaves with, and the quota bucket they fall in."""
+
+    raw_query: str
+    authorization: str | None
+    quota_key: str
+
+
+class Injector:
+    """Replaces the client's credentials with the configured ones (never appends)."""
+
+    __slots__ = ("_api_key", "_api_key_param", "_client_tokens")
+
+    def __init__(self, api_key: Secret | None, client_tokens: Iterable[Secret] = ()) -> None:
+        self._api_key = api_key.reveal() if api_key else None
+        self._api_key_param = (
+            f"{API_KEY_PARAM}={quote(self._api_key, safe='')}" if self._api_key else None
+        )
+        self._client_tokens = frozenset(t.reveal() for t in client_tokens)
+
+    def outbound(
+        self,
+        generation: str,
+        raw_query: str,
+        client_authorization: str | None,
+        token: str | None,
+    ) -> Outbound:
+        """Work out the query, Authorization and quota key a request is sent with.
+
+        With a configured key every client `api_key` goes and exactly one configured one is
+        added (v2); with a configured token `Authorization` is replaced. Without configured
+        credentials the client's own pass through (client tokens never do).
+        """
+        query = raw_query
+        if generation == "v2":
+            if self._api_key_param is not None:
+                stripped = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
+                query = f"{stripped}&{self._api_key_param}" if stripped else self._api_key_param
+            elif self._client_tokens:
+                query = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
+        elif self._api_key_param is None and self._client_tokens:
+            query = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
+
+        if token is not None:
+            authorization: str | None = f"Bearer {token}"
+        elif self._client_tokens and bearer_token(client_authorization) in self._client_tokens:
+            authorization = None
+        else:
+            authorization = client_authorization
+        return Outbound(query, authorization, self._quota_key(generation, query, authorization))
+
+    def _quota_key(self, generation: str, query: str, authorization: str | None) -> str:
+        if self._api_key is not None:
+            return self._api_key
+        if generation == "v2":
+            values = query_param_values(query, API_KEY_PARAM) if API_KEY_PARAM in query else []
+            return values[0] if values else NO_KEY
+        token = bearer_token(authorization)
+        client_id = jwt_client_id(token) if token else None
+        return client_id or V3_SHARED_BUCKET
+
+    def admits(
+        self, raw_query: str, authorization: str | None, proxy_authorization: str | None
+    ) -> bool:
+        """Whether the request carries a client token (always true when none are configured)."""
+        if not self._client_tokens:
+            return True
+        candidates = [bearer_token(authorization), bearer_token(proxy_authorization)]
+        if API_KEY_PARAM in raw_query:
+            candidates.extend(query_param_values(raw_query, API_KEY_PARAM))
+        return any(c in self._client_tokens for c in candidates if c)
+
+
+class TokenSource:
+    """Where the access token to inject comes from: here a fixed one (or none).
+
+    The OAuth refresher subclasses this; the request path only calls these methods.
+    """
+
+    def __init__(self, token: Secret | None) -> None:
+        self._token = token
+
+    @property
+    def ready(self) -> bool:
+        """Whether the proxy's own credentials are usable."""
+        return True
+
+    async def current(self) -> str | None:
+        """The token to send now, or None to pass the client's through."""
+        return self._token.reveal() if self._token else None
+
+    async def refresh_after_401(self, rejected: str) -> str | None:
+        """A fresh token after the upstream refused `rejected`, or None if there is none."""
+        return None

@@ -1,0 +1,225 @@
+"""Getting a request to the upstream and its answer back: targets, header policy, streaming.
+
+Bytes are forwarded as they came: the raw path and query (never re-encoded), the body
+(never decompressed), the upstream's body (never decompressed or re-encoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.credentials import redact
+from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.upstream_errors import Generation
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones still seen in the wild.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Fields the proxy sets itself on the way out (Host from the upstream URL, length from the body).
+_REQUEST_OWN = frozenset({"host", "content-length", "authorization", "x-request-id"})
+_RESPONSE_OWN = frozenset({"content-length"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# What the proxy keeps of an upstream answer that might be a quota error, to classify it.
+QUOTA_BODY_LIMIT = 64 * 1024
+# Short pause before re-trying a connection that could not be made (nothing was sent).
+CONNECT_RETRY_PAUSE = 0.2
+CONNECT_RETRIES = 2
+
+_DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A checked request target: the raw path (kept as sent) and the raw query string."""
+
+    generation: Generation
+    path: str
+    query: str
+
+
+def check_target(raw_target: str) -> Target:
+    """Accept only origin-form targets under /v2/ or /v3/ that cannot climb out of them.
+
+    Dot segments are refused whether written plainly or percent-encoded, and so are
+    encoded slashes and backslashes that an upstream might decode into a separator.
+    """
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise BadRequest("Only origin-form request targets (a path starting with /) are accepted.")
+    path, _, query = raw_target.partition("?")
+    if path.startswith("/v2/"):
+        generation: Generation = "v2"
+    elif path.startswith("/v3/"):
+        generation = "v3"
+    else:
+        raise BadRequest("Only paths under /v2/ and /v3/ are forwarded.")
+    decoded = unquote(unquote(path))
+    if (
+        _DOT_SEGMENT.search(decoded)
+        or "\\" in decoded
+        or "%2f" in path.lower()
+        or "%5c" in path.lower()
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded)
+    ):
+        raise BadRequest("The request path is not allowed (dot segments or encoded separators).")
+    return Target(generation, path, query)
+
+
+def outbound_headers(
+    incoming: CIMultiDictProxy[str],
+    authorization: str | None,
+    request_id: str,
+    peer: str | None,
+    scheme: str,
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop and proxy-owned ones, plus ours."""
+    drop = HOP_BY_HOP | _REQUEST_OWN
+    connection = incoming.get("Connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("x-forwarded-"):
+            continue
+        headers.add(name, value)
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    headers["X-Request-Id"] = request_id
+    forwarded_for = incoming.get("X-Forwarded-For")
+    if peer:
+        headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
+    elif forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    proto = incoming.get("X-Forwarded-Proto")
+    headers["X-Forwarded-Proto"] = f"{proto}, {scheme}" if proto else scheme
+    return headers
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop ones (and those its Connection names)."""
+    drop = HOP_BY_HOP | _RESPONSE_OWN
+    connection = upstream.get("Connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+
+
+class Upstream:
+    """The one client session to the configured upstreams, and how to call them."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        bases: dict[Generation, URL],
+    ) -> None:
+        self._session = session
+        self._bases = {gen: str(base) for gen, base in bases.items()}
+
+    def url(self, target: Target, query: str) -> URL:
+        """The upstream URL for a target, with its raw path and query kept byte for byte."""
+        raw = self._bases[target.generation] + target.path
+        if query:
+            raw += "?" + query
+        return URL(raw, encoded=True)
+
+    async def send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+    ) -> aiohttp.ClientResponse:
+        """Send once, re-trying only connections that could not be made (nothing was sent).
+
+        Raises UpstreamUnreachable (502) or UpstreamTimeout (504); their messages never
+        quote the URL, whose query carries the API key.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body or None,
+                    allow_redirects=False,
+                )
+            except aiohttp.ClientConnectorError as exc:
+                if attempt >= CONNECT_RETRIES:
+                    raise UpstreamUnreachable(
+                        "The proxy could not connect to the Constant Contact API "
+                        f"({type(exc).__name__}); retry shortly.",
+                        retry_after=1,
+                    ) from None
+                attempt += 1
+                await asyncio.sleep(CONNECT_RETRY_PAUSE)
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise UpstreamTimeout(
+                    "The Constant Contact API did not answer in time.",
+                    retry_after=1 if method in IDEMPOTENT else None,
+                ) from None
+            except aiohttp.ClientError as exc:
+                # The connection broke after the request may have been sent.
+                raise ConnectionLost(redact(f"{type(exc).__name__}: {exc}")) from None
+
+
+class ConnectionLost(UpstreamUnreachable):
+    """The upstream connection broke after the request may have reached the application."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "The connection to the Constant Contact API was lost; the request may or may not "
+            "have been processed.",
+        )
+        self.detail = detail
+
+
+async def stream_back(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra: CIMultiDict[str],
+    buffered: bytes | None = None,
+) -> web.StreamResponse:
+    """Send the upstream's status, headers and body to the client as they come."""
+    headers = response_headers(upstream.headers)
+    headers.extend(extra)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    length = upstream.headers.get("Content-Length")
+    if buffered is not None:
+        response.content_length = len(buffered)
+    elif length is not None and length.isdigit():
+        response.content_length = int(length)
+    await response.prepare(request)
+    if buffered is not None:
+        if buffered:
+            await response.write(buffered)
+    elif request.method != "HEAD" and upstream.status not in (204, 304):
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (TimeoutError, aiohttp.ClientError):
+            # Headers are gone already; all that is left is to cut the body short.
+            upstream.close()
+            raise
+    await response.write_eof()
+    return response

@@ -1,0 +1,104 @@
+"""Prometheus metrics: counters and histograms on the request path, per-key gauges at scrape.
+
+Each app has its own registry, so several apps (tests, replicas in one process) never mix.
+Per-key gauges are read from the quota engine when scraped rather than updated per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_WAIT_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _KeyCollector(Collector):
+    def __init__(
+        self, status: Callable[[], list[dict[str, object]]], mode: Callable[[], str]
+    ) -> None:
+        self._status = status
+        self._mode = mode
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "ctct_proxy_queue_depth", "Requests waiting, per key.", labels=["key"]
+        )
+        used = GaugeMetricFamily(
+            "ctct_proxy_daily_used", "Requests sent today, per key.", labels=["key"]
+        )
+        left = GaugeMetricFamily(
+            "ctct_proxy_daily_remaining", "Requests left today, per key.", labels=["key"]
+        )
+        spacing = GaugeMetricFamily(
+            "ctct_proxy_spacing_seconds", "Current spacing between sends, per key.", labels=["key"]
+        )
+        paused = GaugeMetricFamily(
+            "ctct_proxy_paused", "1 while a key is paused for its daily quota.", labels=["key"]
+        )
+        for entry in self._status():
+            key = str(entry["key"])
+            depth.add_metric([key], float(entry["queued"]))  # type: ignore[arg-type]
+            used.add_metric([key], float(entry["sent_today"]))  # type: ignore[arg-type]
+            left.add_metric([key], float(entry["remaining_today"]))  # type: ignore[arg-type]
+            spacing.add_metric([key], float(entry["spacing_seconds"]))  # type: ignore[arg-type]
+            paused.add_metric([key], 1.0 if entry["paused_until"] else 0.0)
+        mode = GaugeMetricFamily(
+            "ctct_proxy_shared_mode",
+            "1 for the mode the quota state is in (local, shared, fallback).",
+            labels=["mode"],
+        )
+        current = self._mode()
+        for name in ("local", "shared", "fallback"):
+            mode.add_metric([name], 1.0 if name == current else 0.0)
+        yield from (depth, used, left, spacing, paused, mode)
+
+
+class Metrics:
+    """The proxy's metrics, in a registry of their own."""
+
+    def __init__(
+        self,
+        status: Callable[[], list[dict[str, object]]],
+        mode: Callable[[], str],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ctct_proxy_requests",
+            "Requests answered, by outcome and status.",
+            ["outcome", "status"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ctct_proxy_queue_wait_seconds",
+            "Time requests spent queued.",
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "ctct_proxy_upstream_latency_seconds",
+            "Time from send to upstream response headers.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.quota_errors = Counter(
+            "ctct_proxy_upstream_quota_errors",
+            "Quota errors the upstream answered, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "ctct_proxy_replays", "Requests replayed after a quota error.", registry=r
+        )
+        self.throttled = Counter(
+            "ctct_proxy_throttled", "429 answers the proxy gave, by kind.", ["kind"], registry=r
+        )
+        r.register(_KeyCollector(status, mode))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

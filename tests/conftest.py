@@ -1,0 +1,143 @@
+"""Shared fixtures: real servers on 127.0.0.1, port 0 — a recording upstream, the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.app import make_app
+from proxy.config import Config
+from proxy.quota import QuotaBackend
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    raw_path: str
+    headers: CIMultiDict[str]
+    header_list: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Recorder:
+    """A small upstream that records every request and answers as a test tells it to."""
+
+    seen: list[Seen] = field(default_factory=list)
+    answer: Callable[[web.Request, bytes], Awaitable[web.StreamResponse]] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(
+            Seen(
+                request.method,
+                request.raw_path,
+                CIMultiDict(request.headers),
+                list(request.headers.items()),
+                body,
+            )
+        )
+        if self.answer is not None:
+            return await self.answer(request, body)
+        return web.json_response({"ok": True, "path": request.raw_path})
+
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+StartProxy = Callable[..., Awaitable[tuple[TestServer, URL]]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    """Start any aiohttp app on 127.0.0.1:0 the way `serve` runs it; all closed at the end."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application, **kwargs: Any) -> TestServer:
+        kwargs.setdefault("handler_cancellation", True)
+        kwargs.setdefault("auto_decompress", False)
+        server = TestServer(app, host="127.0.0.1", **kwargs)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def recorder(start_server: ServerFactory) -> tuple[Recorder, URL]:
+    rec = Recorder()
+    server = await start_server(rec.app())
+    return rec, server.make_url("")
+
+
+def raw_url(base: URL, target: str) -> URL:
+    """A URL whose path and query are sent exactly as written (no re-encoding)."""
+    return URL(str(base).rstrip("/") + target, encoded=True)
+
+
+def proxy_config(tmp_path: Path, upstream: URL, **overrides: Any) -> Config:
+    """A proxy configuration pointed at a local upstream, with state in a temp dir."""
+    base = Config(
+        upstream_v2=upstream,
+        upstream_v3=upstream,
+        state_dir=tmp_path / "state",
+        qps=1000.0,
+        connect_timeout=2.0,
+        upstream_timeout=5.0,
+    )
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+async def start_proxy(
+    start_server: ServerFactory,
+) -> StartProxy:
+    async def start(config: Config, backend: QuotaBackend | None = None) -> tuple[TestServer, URL]:
+        server = await start_server(make_app(config, backend))
+        return server, server.make_url("")
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def raw_exchange(port: int | None, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to 127.0.0.1:port; return what comes back until the server closes.
+
+    Requests written with `Connection: close` make the server close after its answer.
+    """
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return b"".join(chunks)
