@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(coro: Coroutine[Any, Any, None]) -> None:
+def _run(coro: Coroutine[Any, Any, object]) -> None:
     try:
         import uvloop  # an optional extra: `pip install ctct-proxy[fast]`
     except ImportError:

@@ -389,7 +389,7 @@ class Config:
                         parts.extend(setting.parse(item))
                     values[setting.name] = tuple(parts)
                 else:
-                    values[setting.name] = setting.parse(given)
+                    values[setting.name] = setting.parse(str(given))
             except ValueError as exc:
                 message = str(exc) if "must" in str(exc) else "is not a valid value"
                 raise ConfigError(f"{source}: {message}") from None

@@ -35,8 +35,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Fields the proxy sets itself on the way out (Host from the upstream URL, length from the body).
-_REQUEST_OWN = frozenset({"host", "content-length", "authorization", "x-request-id"})
+# Fields the proxy sets itself on the way out (Host from the upstream URL, length from the body;
+# Expect is answered here: the body is already read, so the upstream gets it at once).
+_REQUEST_OWN = frozenset({"host", "content-length", "authorization", "x-request-id", "expect"})
 _RESPONSE_OWN = frozenset({"content-length"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # What the proxy keeps of an upstream answer that might be a quota error, to classify it.

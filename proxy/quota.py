@@ -288,6 +288,7 @@ class KeyQueue:
         self.spacing = self._limits.spacing
         self._next_free = 0.0  # monotonic: our estimate of the next free slot
         self.sent_today = 0
+        self.sent_day = utc_day(self._clock.time())  # the UTC day sent_today counts
         self.blocked_until: float | None = None  # epoch
         self.blocked_kind = QuotaKind.NONE
         self._pump: asyncio.Task[None] | None = None
@@ -307,10 +308,9 @@ class KeyQueue:
             if self.blocked_until > wall:
                 raise self._blocked_error(wall)
             self.blocked_until = None
-        if (
-            self.sent_today + self.queued >= limits.daily_quota
-            and utc_day(wall) == self._engine.count_day
-        ):
+        if utc_day(wall) != self.sent_day:
+            self.sent_today, self.sent_day = 0, utc_day(wall)
+        if self.sent_today + self.queued >= limits.daily_quota:
             reset = next_reset(wall)
             raise Throttled(
                 f"The daily quota of {limits.daily_quota} requests for this API key is used up; "
@@ -454,8 +454,7 @@ class KeyQueue:
         while self._head() is not None:
             spacing = self.spacing
             reservation = await backend.reserve(key, spacing, self._limits.daily_quota)
-            self.sent_today = reservation.sent_today
-            self._engine.count_day = utc_day(clock.time())
+            self.sent_today, self.sent_day = reservation.sent_today, utc_day(clock.time())
             if reservation.blocked_until is not None:
                 self._block(reservation.blocked_until, reservation.kind)
                 continue
@@ -505,7 +504,6 @@ class QuotaEngine:
     backend: QuotaBackend
     clock: Clock = field(default_factory=SystemClock)
     queues: dict[str, KeyQueue] = field(default_factory=dict)
-    count_day: int = 0
 
     def queue_for(self, key: str) -> KeyQueue:
         """The queue of an upstream API key (created on first use)."""
@@ -519,8 +517,7 @@ class QuotaEngine:
         queue = self.queue_for(key)
         if queue.sent_today == 0 and queue.blocked_until is None:
             usage = await self.backend.usage(queue.fingerprint)
-            queue.sent_today = usage.sent_today
-            self.count_day = utc_day(self.clock.time())
+            queue.sent_today, queue.sent_day = usage.sent_today, utc_day(self.clock.time())
             if usage.paused_until:
                 queue.blocked_until, queue.blocked_kind = usage.paused_until, QuotaKind.DAILY
         return queue
