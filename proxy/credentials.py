@@ -81,7 +81,8 @@ def fingerprint(key: str) -> str:
     """A short stable name for a key, safe to log, export and store."""
     if key in (NO_KEY, V3_SHARED_BUCKET):
         return key
-    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    # The same 12 hex digits the simulator shows, so both sides' stats line up.
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def jwt_client_id(token: str) -> str | None:
