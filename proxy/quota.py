@@ -37,9 +37,9 @@ DAY = 86_400.0
 # MAX_BACKOFF times the configured spacing); each accepted send takes EASE of the excess
 # back off. Fast up, slow down: a neighbour spending part of the key costs a few
 # rejections, then the spacing settles just above what the neighbour leaves.
-BACKOFF = 1.25
+BACKOFF = 1.5
 MAX_BACKOFF = 4.0
-EASE = 0.01
+EASE = 0.005
 # A send this much later than its slot pushes the next slot back (the next send is spaced
 # from the actual one, so a late send never squeezes the next).
 LATE = 0.002
@@ -292,6 +292,7 @@ class KeyQueue:
         self.blocked_until: float | None = None  # epoch
         self.blocked_kind = QuotaKind.NONE
         self._pump: asyncio.Task[None] | None = None
+        self._holding = 0  # 1 while the pump holds a reserved slot for the head
 
     # -- admission -------------------------------------------------------------------------
 
@@ -310,7 +311,8 @@ class KeyQueue:
             self.blocked_until = None
         if utc_day(wall) != self.sent_day:
             self.sent_today, self.sent_day = 0, utc_day(wall)
-        if self.sent_today + self.queued >= limits.daily_quota:
+        # The head's slot is already counted in sent_today while it waits for it.
+        if self.sent_today + self.queued - self._holding >= limits.daily_quota:
             reset = next_reset(wall)
             raise Throttled(
                 f"The daily quota of {limits.daily_quota} requests for this API key is used up; "
@@ -460,8 +462,12 @@ class KeyQueue:
                 continue
             slot_at = clock.monotonic() + reservation.delay
             self._next_free = slot_at + spacing
-            if reservation.delay > 0:
-                await clock.sleep(reservation.delay)
+            self._holding = 1
+            try:
+                if reservation.delay > 0:
+                    await clock.sleep(reservation.delay)
+            finally:
+                self._holding = 0
             ticket = self._head()
             if ticket is None:
                 await backend.give_back(key, reservation, spacing)
