@@ -12,19 +12,25 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
 from proxy.errors import (
+    BadRequest,
     BodyTooLarge,
     ClientUnauthorized,
     MethodNotAllowed,
@@ -45,6 +51,7 @@ from proxy.forward import (
 )
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
+from proxy.oauth import open_token_source
 from proxy.quota import (
     FLUSH_INTERVAL,
     KeyQueue,
@@ -56,7 +63,8 @@ from proxy.quota import (
     Ticket,
     next_reset,
 )
-from proxy.upstream_errors import Generation, QuotaKind, classify, error_key_for
+from proxy.shared import RedisBackend
+from proxy.upstream_errors import Generation, QuotaKind, cc_error_body, classify, error_key_for
 
 log = get_logger("proxy")
 
@@ -78,6 +86,8 @@ class AppState:
     mode: Callable[[], str] = lambda: "local"
     shutting_down: bool = False
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
+    # v2's (fixed) token when `tokens` is v3's OAuth source; None: `tokens` serves both.
+    v2_tokens: TokenSource | None = None
 
 
 @dataclass(slots=True)
@@ -112,8 +122,8 @@ def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Applica
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/status", status_page)
-    app.router.add_route("*", "/v2/{tail:.*}", forward)
-    app.router.add_route("*", "/v3/{tail:.*}", forward)
+    app.router.add_route("*", "/v2/{tail:.*}", forward, expect_handler=_expect)
+    app.router.add_route("*", "/v3/{tail:.*}", forward, expect_handler=_expect)
     return app
 
 
@@ -125,8 +135,13 @@ def _resources(
         config = app[CONFIG]
         clock = SystemClock()
         local = None
+        shared = None
         chosen = backend
-        if chosen is None:
+        if chosen is None and config.redis_url is not None:
+            shared = RedisBackend.from_config(config, clock)
+            await shared.start()
+            chosen = shared
+        elif chosen is None:
             assert config.state_dir is not None
             local = LocalBackend(clock, config.state_dir / "daily.json")
             chosen = local
@@ -135,6 +150,7 @@ def _resources(
             chosen,
             clock,
         )
+        oauth = await open_token_source(config)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
@@ -146,15 +162,20 @@ def _resources(
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         mode = getattr(chosen, "mode", None)
+        mode = mode if callable(mode) else lambda: "local"
         state = AppState(
             config=config,
             engine=engine,
             backend=chosen,
             upstream=Upstream(session, {"v2": config.upstream_v2, "v3": config.upstream_v3}),
             injector=Injector(config.api_key, config.client_token),
-            tokens=TokenSource(config.access_token),
-            metrics=Metrics(engine.status, mode if callable(mode) else lambda: "local"),
+            tokens=oauth if oauth is not None else TokenSource(config.access_token),
+            metrics=Metrics(engine.status, mode),
+            mode=mode,
+            v2_tokens=TokenSource(config.access_token) if oauth is not None else None,
         )
+        if shared is not None:
+            state.ready_checks.append(shared.ready_problem)
         app[STATE] = state
         flusher = None
         if local is not None:
@@ -169,6 +190,10 @@ def _resources(
             engine.shutdown(retry_after=1)
             if local is not None:
                 local.flush()
+            if shared is not None:
+                await shared.close()
+            if oauth is not None:
+                await oauth.close()
             await session.close()
 
     return resources
@@ -228,6 +253,8 @@ async def edge_middleware(
         method=request.method,
         path=_loggable_target(raw),
         generation="v3" if raw.startswith("/v3/") else "v2",
+        # /healthz, /readyz, /metrics, /status: answered here, never API traffic.
+        outcome="forwarded" if raw.startswith(("/v2/", "/v3/")) else "local",
     )
     request[RECORD] = record
     response: web.StreamResponse | None = None
@@ -273,7 +300,9 @@ def _finish(
         metrics.requests.labels(record.outcome, str(status)).inc()
         if record.outcome == "throttled":
             metrics.throttled.labels("daily" if _is_daily(response) else "per_second").inc()
-    log.info(
+    # Probes and scrapes come every few seconds: at info they would drown the API traffic.
+    emit = log.debug if record.outcome == "local" else log.info
+    emit(
         "request_finished",
         request_id=record.request_id,
         method=record.method,
@@ -327,7 +356,20 @@ def _wait_preference(prefer: str | None) -> int | None:
     return None
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+class BodyTimeout(ProxyError):
+    """The client sent its request body too slowly (408)."""
+
+    status = 408
+    v2_key = "http.status.request_timeout"
+    v3_key = "request_timeout"
+
+
+# Past --body-timeout a body must keep averaging this rate: a slow link uploading a big file
+# gets through, a client that holds a connection open by trickling bytes does not.
+BODY_RATE_FLOOR = 16 * 1024
+
+
+async def _read_body(request: web.Request, limit: int, grace: float) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
@@ -335,14 +377,35 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return b""
     chunks = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(
-                f"The request body is larger than the proxy's limit of {limit} bytes."
-            )
-        chunks.append(chunk)
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(grace) as deadline:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(
+                        f"The request body is larger than the proxy's limit of {limit} bytes."
+                    )
+                chunks.append(chunk)
+                deadline.reschedule(start + grace + size / BODY_RATE_FLOOR)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The request body arrived too slowly ({size} bytes); the proxy allows "
+            f"{grace:g} seconds plus one per {BODY_RATE_FLOOR // 1024} KiB.",
+        ) from None
     return b"".join(chunks)
+
+
+async def _expect(request: web.Request) -> None:
+    """Answer `Expect: 100-continue`; other expectations are ignored (RFC 9110 allows it).
+
+    aiohttp's default answers those with a plain-text 417 from outside the middleware.
+    """
+    expect = request.headers.get("Expect", "").strip().lower()
+    if expect == "100-continue" and request.version == aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # An interim answer: the real one has not started yet.
+        request.writer.output_size = 0
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -352,16 +415,20 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if request.method == "CONNECT":
         raise MethodNotAllowed("CONNECT is not supported; this proxy only forwards API calls.")
     target = check_target(request.raw_path)
+    if request.version.major != 1:
+        # llhttp lets "HTTP/0.9" and "HTTP/2.0" through with HTTP/1 framing; nobody real does.
+        raise BadRequest("Only HTTP/1.0 and HTTP/1.1 requests are forwarded.")
     if state.shutting_down:
         raise Unavailable("The proxy is shutting down; retry shortly.", retry_after=1)
     headers_in = request.headers
     client_auth = headers_in.get("Authorization")
     if not state.injector.admits(target.query, client_auth, headers_in.get("Proxy-Authorization")):
         raise ClientUnauthorized("A valid client token is required to use this proxy.")
-    token = await state.tokens.current()
+    tokens = state.tokens if target.generation == "v3" else state.v2_tokens or state.tokens
+    token = await tokens.current()
     out = state.injector.outbound(target.generation, target.query, client_auth, token)
     record.key = fingerprint(out.quota_key)
-    body = await _read_body(request, state.config.max_body)
+    body = await _read_body(request, state.config.max_body, state.config.body_timeout)
 
     budget = float(state.config.max_wait)
     preferred = _wait_preference(headers_in.get("Prefer"))
@@ -374,7 +441,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     headers = outbound_headers(
         headers_in, out.authorization, record.request_id, request.remote, request.scheme
     )
-    connection_retried = False
+    connection_retried = renewed = False
     try:
         while True:
             await queue.wait(ticket)
@@ -396,6 +463,22 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 raise
             state.metrics.upstream_latency.observe(time.monotonic() - sent)
             record.upstream_status = upstream.status
+            if upstream.status == 401 and target.generation == "v3" and token and not renewed:
+                # Our token expired or was revoked early: renew it, send once more (queued anew).
+                try:
+                    fresh = await tokens.refresh_after_401(token)
+                except ProxyError:
+                    upstream.release()
+                    raise
+                if fresh is not None:
+                    upstream.release()
+                    renewed, token = True, fresh
+                    renewed_out = state.injector.outbound("v3", target.query, client_auth, fresh)
+                    headers["Authorization"] = renewed_out.authorization or ""
+                    queue.leave(ticket)
+                    ticket = queue.admit(max(0.0, ticket.deadline - state.engine.clock.monotonic()))
+                    record.replays += 1
+                    continue
             buffered = None
             if upstream.status in (403, 429):
                 buffered = await upstream.content.read(QUOTA_BODY_LIMIT)
@@ -502,6 +585,102 @@ async def status_page(request: web.Request) -> web.Response:
 
 # -- running ------------------------------------------------------------------------------
 
+# What a client may send before any handler runs, enforced by aiohttp's parser. The request
+# target gets more room than one header field (long v2/v3 queries are legitimate) and the
+# two differ so that an oversized one can be told apart from the other (414 vs 431).
+MAX_REQUEST_TARGET = 16 * 1024
+MAX_HEADER_FIELD = 8190
+MAX_HEADERS = 100
+# aiohttp has no header-read timeout: its keep-alive timer, started when a connection opens
+# and after each answer, also drops a client still trickling its request line and headers.
+KEEPALIVE_TIMEOUT = 75.0
+
+
+def runner_options() -> dict[str, Any]:
+    """The aiohttp server settings every server here runs with (tests' servers included)."""
+    return {
+        "handler_cancellation": True,  # a client that leaves gives up its place in the queue
+        "auto_decompress": False,  # request bodies are forwarded as sent
+        "access_log": None,  # request_finished replaces it
+        "max_line_size": MAX_REQUEST_TARGET,
+        "max_field_size": MAX_HEADER_FIELD,
+        "max_headers": MAX_HEADERS,
+        "keepalive_timeout": KEEPALIVE_TIMEOUT,
+    }
+
+
+def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
+    """A request aiohttp could not parse (or a fault outside the middleware), in CC's shape.
+
+    aiohttp's own text quotes the offending bytes (query strings with `api_key` included),
+    so none of it is sent back; the generation is unknown here, and an array of
+    {error_key, error_message} is what v2 sends for every error and v3 for its own.
+    """
+    if isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
+        status, key = 431, "http.status.request_header_fields_too_large"
+        text = f"A request header is longer than {MAX_HEADER_FIELD} bytes."
+    elif isinstance(exc, LineTooLong):
+        status, key = 414, "http.status.request_uri_too_long"
+        text = f"The request target is longer than {MAX_REQUEST_TARGET} bytes."
+    elif isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower():
+        status, key = 431, "http.status.request_header_fields_too_large"
+        text = f"The request has more than {MAX_HEADERS} headers."
+    elif status < 500:
+        key = "http.status.bad_request"
+        # Only aiohttp's words, cut before it quotes the request's bytes back.
+        quoted = _QUOTED.split(getattr(exc, "message", "") or "", maxsplit=1)[0]
+        reason = " ".join(line.strip() for line in quoted.splitlines()).strip(" :.")
+        text = redact(f"The request is not valid HTTP/1.1 ({reason[:120] or 'malformed'}).")
+    else:
+        key = "http.status.internal_server_error"
+        text = "The proxy failed to handle this request."
+    response = web.Response(status=status, body=cc_error_body("v2", key, text), content_type=_JSON)
+    response.force_close()
+    return response
+
+
+# Where aiohttp's parser messages start quoting the request's own bytes (a quoted header
+# name such as 'Host' is kept: it says what was wrong and cannot carry a secret).
+_QUOTED = re.compile(r"(?:^|\s)(?:b['\"]|bytearray\(|['\"](?![A-Za-z0-9-]{1,40}['\"]))")
+
+
+class _EdgeProtocol(RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the middleware in CC's shape."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # aiohttp logs the traceback (scrubbed by the log pipeline) and checks that no
+            # answer has started; only its plain-text body is replaced.
+            super().handle_error(request, status, exc, message)
+        elif request.writer.output_size > 0:
+            raise ConnectionError("an answer is already under way")
+        else:
+            log.info("request_malformed", status=status, error=redact(repr(exc)))
+        return _malformed_answer(status, exc)
+
+
+class _EdgeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EdgeProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer unparseable requests in CC's shape."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same server, same settings; only the per-connection protocol class differs.
+        server.__class__ = _EdgeServer
+        return server
+
 
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
     """Run the proxy until SIGTERM or SIGINT, then shut down gracefully."""
@@ -524,13 +703,7 @@ async def run_until_stopped(
     ready: Callable[[str, int], None],
 ) -> None:
     """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that leaves gives up its place in the queue
-        auto_decompress=False,  # request bodies are forwarded as sent
-        access_log=None,
-        shutdown_timeout=shutdown_timeout,
-    )
+    runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout, **runner_options())
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

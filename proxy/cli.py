@@ -12,10 +12,12 @@ from proxy import __version__
 from proxy.config import Config, ConfigError, add_serve_arguments, environ
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `ctct-proxy` parser with its subcommands."""
+    from proxy.oauth import add_login_arguments
     from proxy.simulator import add_simulate_arguments
 
     parser = argparse.ArgumentParser(
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     simulate = sub.add_parser("simulate", help="run a local stand-in for the Constant Contact API")
     add_simulate_arguments(simulate)
+    login = sub.add_parser(
+        "login", help="sign in once in a browser (OAuth + PKCE) and save tokens for serve"
+    )
+    add_login_arguments(login)
     demo = sub.add_parser("demo", help="show the proxy against the stand-in, side by side")
     demo.add_argument(
         "--requests", type=int, default=40, help="requests in each burst (default 40)"
@@ -82,6 +88,21 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         _run(
             run_until_stopped(make_simulator_app(sim_config), args.host, args.port, 5.0, listening)
         )
+        return 0
+    if args.command == "login":
+        from proxy.oauth import LoginFailed, login, login_settings
+
+        try:
+            config, options = login_settings(vars(args), env)
+        except ConfigError as error:
+            print(f"ctct-proxy: error: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        logs.configure("console", "warning", stream=sys.stderr)
+        try:
+            _run(login(config, options))
+        except LoginFailed as error:
+            print(f"ctct-proxy: login failed: {error}", file=sys.stderr)
+            return EXIT_FAILED
         return 0
     from proxy.demo import run_demo
 

@@ -33,6 +33,8 @@ DEFAULT_MAX_QUEUE = 10_000
 # (bench/quota.py measured 0 rejections at 97.5% utilisation with it).
 DEFAULT_PACING_MARGIN = 0.025
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+# A request body gets this long, plus a second per 16 KiB received (see app._read_body).
+DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_UPSTREAM_TIMEOUT = 60.0
 DEFAULT_SHUTDOWN_GRACE = 25.0
@@ -103,8 +105,17 @@ def _secret(text: str) -> Secret:
     return Secret(text)
 
 
-def _secrets(text: str) -> tuple[Secret, ...]:
-    return tuple(_secret(part.strip()) for part in text.split(",") if part.strip())
+# Failed client-token guesses cost an attacker one 401 each: only length keeps them hopeless.
+MIN_CLIENT_TOKEN_LENGTH = 16
+
+
+def _client_tokens(text: str) -> tuple[Secret, ...]:
+    tokens = tuple(_secret(part.strip()) for part in text.split(",") if part.strip())
+    if any(len(token.reveal()) < MIN_CLIENT_TOKEN_LENGTH for token in tokens):
+        raise ValueError(
+            f"must be at least {MIN_CLIENT_TOKEN_LENGTH} characters (try: openssl rand -hex 16)"
+        )
+    return tokens
 
 
 def _log_format(text: str) -> LogFormat:
@@ -208,6 +219,13 @@ SETTINGS: tuple[Setting, ...] = (
         str(DEFAULT_MAX_BODY),
     ),
     Setting(
+        "body_timeout",
+        "CTCT_PROXY_BODY_TIMEOUT",
+        _positive_float,
+        "seconds a client gets to send a request body, plus 1 per 16 KiB; slower answers 408",
+        str(DEFAULT_BODY_TIMEOUT),
+    ),
+    Setting(
         "connect_timeout",
         "CTCT_PROXY_CONNECT_TIMEOUT",
         _positive_float,
@@ -266,7 +284,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "client_token",
         "CTCT_PROXY_CLIENT_TOKENS",
-        _secrets,
+        _client_tokens,
         "token a client must present (repeatable; env: comma-separated)",
         repeatable=True,
     ),
@@ -330,6 +348,7 @@ class Config:
     max_queue: int = DEFAULT_MAX_QUEUE
     pacing_margin: float = DEFAULT_PACING_MARGIN
     max_body: int = DEFAULT_MAX_BODY
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     v2_reset_hour: int = 0

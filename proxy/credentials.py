@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterable
@@ -42,7 +43,7 @@ class Secret:
         return REDACTED
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and _same(other._value, self._value)
 
     def __hash__(self) -> int:
         return hash(self._value)
@@ -50,8 +51,9 @@ class Secret:
 
 # Every secret the process has been told about, so that `redact` can scrub text it did not
 # produce (exception messages, upstream error text). Process-wide on purpose: a log line
-# written anywhere must be clean, whichever app instance holds the secret.
-_KNOWN_SECRETS: set[str] = set()
+# written anywhere must be clean, whichever app instance holds the secret. Kept longest
+# first, so that a secret containing another is replaced whole rather than in part.
+_KNOWN_SECRETS: list[str] = []
 _SECRET_PATTERN: list[re.Pattern[str]] = [
     re.compile(
         r"(?i)((?:api_key|access_token|refresh_token|client_secret|code_verifier|code)=)[^&\s\"']+"
@@ -59,22 +61,40 @@ _SECRET_PATTERN: list[re.Pattern[str]] = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-._~+/=]+"),
     re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]+"),
 ]
+# Shorter values are not scrubbed by value (they would blank out ordinary words); the
+# patterns above still catch them where they appear as credentials.
+_MIN_SCRUBBED = 4
 
 
 def register_secret(value: str) -> None:
-    """Remember a secret so that `redact` removes it from any text."""
-    if len(value) >= 4:
-        _KNOWN_SECRETS.add(value)
+    """Remember a secret (and its percent-encoded form) so that `redact` removes it from any text."""
+    for form in (value, quote(value, safe="")):
+        if len(form) >= _MIN_SCRUBBED and form not in _KNOWN_SECRETS:
+            _KNOWN_SECRETS.append(form)
+    _KNOWN_SECRETS.sort(key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    """Remove every known secret and every credential-looking parameter from text."""
+    """Remove every known secret and every credential-looking parameter from text.
+
+    The one redaction function: log lines, reprs, /status and error text all go through it.
+    """
     for secret in _KNOWN_SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
     for pattern in _SECRET_PATTERN:
         text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
+
+
+def _wire(value: str) -> bytes:
+    # surrogatepass: header values arrive decoded with surrogateescape; never raise here.
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _same(a: str, b: str) -> bool:
+    """Compare two secrets in time that does not depend on where they differ."""
+    return hmac.compare_digest(_wire(a), _wire(b))
 
 
 def fingerprint(key: str) -> str:
@@ -118,12 +138,16 @@ def _param_name(piece: str) -> str:
     return unquote(piece.partition("=")[0].replace("+", " "))
 
 
+def _param_value(piece: str) -> str:
+    return unquote(piece.partition("=")[2].replace("+", " "))
+
+
 def query_param_values(raw_query: str, name: str) -> list[str]:
     """The decoded values of one parameter in a raw query string, in order."""
     values = []
     for piece in raw_query.split("&"):
         if piece and _param_name(piece) == name:
-            values.append(unquote(piece.partition("=")[2].replace("+", " ")))
+            values.append(_param_value(piece))
     return values
 
 
@@ -143,7 +167,12 @@ class Outbound:
 
 
 class Injector:
-    """Replaces the client's credentials with the configured ones (never appends)."""
+    """Replaces the client's credentials with the configured ones (never appends).
+
+    Client tokens (``--client-token``) are what a client shows the proxy, in the places its
+    SDK already sends a credential: the v2 ``api_key`` parameter, ``Authorization: Bearer``,
+    or ``Proxy-Authorization: Bearer``. They are checked in `admits` and never leave the proxy.
+    """
 
     __slots__ = ("_api_key", "_api_key_param", "_client_tokens")
 
@@ -152,7 +181,18 @@ class Injector:
         self._api_key_param = (
             f"{API_KEY_PARAM}={quote(self._api_key, safe='')}" if self._api_key else None
         )
-        self._client_tokens = frozenset(t.reveal() for t in client_tokens)
+        self._client_tokens = tuple(_wire(t.reveal()) for t in client_tokens)
+
+    def is_client_token(self, value: str | None) -> bool:
+        """Whether a presented value is one of the client tokens (constant-time comparison)."""
+        if not value or not self._client_tokens:
+            return False
+        given = _wire(value)
+        found = False
+        # Every token is compared, so the time taken says nothing about which one was close.
+        for token in self._client_tokens:
+            found |= hmac.compare_digest(given, token)
+        return found
 
     def outbound(
         self,
@@ -165,25 +205,26 @@ class Injector:
 
         With a configured key every client `api_key` goes and exactly one configured one is
         added (v2); with a configured token `Authorization` is replaced. Without configured
-        credentials the client's own pass through (client tokens never do).
+        credentials the client's own pass through; client tokens never do, in any parameter.
         """
-        query = raw_query
-        if generation == "v2":
-            if self._api_key_param is not None:
-                stripped = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
-                query = f"{stripped}&{self._api_key_param}" if stripped else self._api_key_param
-            elif self._client_tokens:
-                query = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
-        elif self._api_key_param is None and self._client_tokens:
-            query = strip_params(raw_query, _PARAM_NAMES_TO_STRIP)
+        query = self._without_client_tokens(raw_query) if self._client_tokens else raw_query
+        if generation == "v2" and self._api_key_param is not None:
+            stripped = strip_params(query, _PARAM_NAMES_TO_STRIP)
+            query = f"{stripped}&{self._api_key_param}" if stripped else self._api_key_param
 
         if token is not None:
             authorization: str | None = f"Bearer {token}"
-        elif self._client_tokens and bearer_token(client_authorization) in self._client_tokens:
+        elif self.is_client_token(bearer_token(client_authorization)):
             authorization = None
         else:
             authorization = client_authorization
         return Outbound(query, authorization, self._quota_key(generation, query, authorization))
+
+    def _without_client_tokens(self, raw_query: str) -> str:
+        pieces = raw_query.split("&")
+        kept = [p for p in pieces if not self.is_client_token(_param_value(p))]
+        # Untouched queries keep every byte (empty pieces included).
+        return raw_query if len(kept) == len(pieces) else "&".join(p for p in kept if p)
 
     def _quota_key(self, generation: str, query: str, authorization: str | None) -> str:
         if self._api_key is not None:
@@ -202,9 +243,11 @@ class Injector:
         if not self._client_tokens:
             return True
         candidates = [bearer_token(authorization), bearer_token(proxy_authorization)]
-        if API_KEY_PARAM in raw_query:
-            candidates.extend(query_param_values(raw_query, API_KEY_PARAM))
-        return any(c in self._client_tokens for c in candidates if c)
+        candidates.extend(query_param_values(raw_query, API_KEY_PARAM))
+        admitted = False
+        for candidate in candidates:
+            admitted |= self.is_client_token(candidate)
+        return admitted
 
 
 class TokenSource:

@@ -18,20 +18,27 @@ from proxy.credentials import redact
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
-    return value
+    if isinstance(value, BaseException):
+        return redact(f"{type(value).__name__}: {value}")
+    if isinstance(value, bytes | bytearray):
+        return redact(bytes(value).decode("utf-8", "replace"))
+    # Anything else (a URL, a path, an object) the renderer would write as its repr, where a
+    # query's api_key would go out untouched: render it here, scrubbed.
+    return redact(str(value))
 
 
 def redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A structlog processor that removes secrets from every value of an event."""
     for key, value in event_dict.items():
-        if isinstance(value, str | dict | list | tuple):
+        # `_record` and `_from_structlog` are the formatter's own, removed before rendering.
+        if not key.startswith("_"):
             event_dict[key] = _scrub(value)
-        elif isinstance(value, BaseException):
-            event_dict[key] = redact(f"{type(value).__name__}: {value}")
     return event_dict
 
 

@@ -69,7 +69,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ctct_proxy_requests",
-            "Requests answered, by outcome and status.",
+            "Requests answered, by outcome (forwarded, replayed, throttled, refused, failed, "
+            "abandoned; local for the proxy's own pages) and status.",
             ["outcome", "status"],
             registry=r,
         )

@@ -466,6 +466,10 @@ class KeyQueue:
             try:
                 if reservation.delay > 0:
                     await clock.sleep(reservation.delay)
+            except asyncio.CancelledError:
+                # Shutting down mid-wait: the slot was counted toward today but never used.
+                await backend.give_back(key, reservation, spacing)
+                raise
             finally:
                 self._holding = 0
             ticket = self._head()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
 from aiohttp import web
+from yarl import URL
 
 from proxy.upstream_errors import (
     MASHERY_ERROR_HEADER,
@@ -58,6 +60,18 @@ WINDOWS: Final[tuple[Window, ...]] = ("rolling", "fixed")
 V3_SHARED_BUCKET: Final = "v3"
 STATS_PATH: Final = "/__sim__/stats"
 RESET_PATH: Final = "/__sim__/reset"
+# The authorization server's endpoints, at the same paths as authz.constantcontact.com's.
+OAUTH_AUTHORIZE_PATH: Final = "/oauth2/default/v1/authorize"
+OAUTH_TOKEN_PATH: Final = "/oauth2/default/v1/token"
+# Test levers: end every issued access token now; forget every refresh token too.
+OAUTH_EXPIRE_PATH: Final = "/__sim__/oauth/expire"
+OAUTH_REVOKE_PATH: Final = "/__sim__/oauth/revoke"
+DEFAULT_TOKEN_TTL: Final = 86_400.0  # Constant Contact's access tokens live 24 hours
+# The real token endpoint takes 1 request per second per application.
+TOKEN_ENDPOINT_QPS: Final = 1
+_CODE_TTL: Final = 300.0
+_TOKEN_HISTORY: Final = 1_000
+_OFFLINE_ACCESS: Final = "offline_access"
 
 # Enough history for a long benchmark while bounding memory (a float and a slot each).
 ARRIVAL_HISTORY: Final = 1_000_000
@@ -114,6 +128,11 @@ class SimulatorConfig:
     neighbour_qps: float = 0.0
     neighbour_key: str | None = field(default=None, repr=False)
     seed: int | None = None
+    oauth_client_id: str | None = field(default=None, repr=False)
+    oauth_client_secret: str | None = field(default=None, repr=False)
+    oauth_refresh_token: str | None = field(default=None, repr=False)
+    token_ttl: float = DEFAULT_TOKEN_TTL
+    rotate_refresh_tokens: bool = False
 
     def __post_init__(self) -> None:
         _require_text(self.api_key, "--api-key")
@@ -129,6 +148,16 @@ class SimulatorConfig:
         _require_seconds(self.jitter_out, "--jitter-out")
         _require_seconds(self.neighbour_qps, "--neighbour-qps", "a number of calls per second")
         _require_text(self.neighbour_key, "--neighbour-key")
+        _require_text(self.oauth_client_id, "--oauth-client-id")
+        _require_text(self.oauth_client_secret, "--oauth-client-secret")
+        _require_text(self.oauth_refresh_token, "--oauth-refresh-token")
+        _require_seconds(self.token_ttl, "--token-ttl")
+        if self.token_ttl == 0:
+            raise ValueError("--token-ttl must be a number of seconds > 0")
+        if self.oauth_client_id is None and (
+            self.oauth_client_secret is not None or self.oauth_refresh_token is not None
+        ):
+            raise ValueError("--oauth-client-id is required with the other --oauth-* flags")
 
 
 def key_fingerprint(key: str) -> str:
@@ -312,7 +341,7 @@ class QuotaLedger:
     ) -> None:
         self.config = config
         self.clock = clock
-        self._wall_clock = wall_clock
+        self.wall_clock = wall_clock
         self.neighbour_key = config.neighbour_key or config.api_key or V3_SHARED_BUCKET
         self._ledgers: dict[str, _KeyLedger] = {}
         self._totals = _Traffic()
@@ -329,7 +358,7 @@ class QuotaLedger:
         return ledger
 
     def _today(self) -> int:
-        return int(self._wall_clock() // _SECONDS_PER_DAY)
+        return int(self.wall_clock() // _SECONDS_PER_DAY)
 
     def arrive(self, key: str, *, neighbour: bool = False) -> Verdict:
         """Record an arrival for `key` now and decide it; only accepted arrivals use quota."""
@@ -461,6 +490,285 @@ async def _travel(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status)
+
+
+@dataclass(slots=True)
+class _Grant:
+    """What a refresh token stands for."""
+
+    client_id: str
+    scope: str
+
+
+@dataclass(slots=True)
+class _Code:
+    """An authorization code waiting to be exchanged (once)."""
+
+    client_id: str
+    redirect_uri: str
+    challenge: str | None
+    scope: str
+    expires: float
+
+
+class OAuthServer:
+    """The authorization server's part: an authorize endpoint that approves at once, a token
+    endpoint (refresh and authorization-code grants, PKCE S256), expiring JWT-shaped access
+    tokens and, when configured, rotating refresh tokens. Limited to 1 call/s like the real one.
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        assert config.oauth_client_id is not None
+        self.client_id = config.oauth_client_id
+        self.config = config
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._access: dict[str, float] = {}  # access token -> clock time it expires
+        self._refresh: dict[str, _Grant] = {}
+        self._codes: dict[str, _Code] = {}
+        self._window = _RollingWindow(TOKEN_ENDPOINT_QPS)
+        # The latest tokens it handed out, so tests can look for them where they must not be.
+        self._handed_out: deque[str] = deque(maxlen=_TOKEN_HISTORY)
+        if config.oauth_refresh_token is not None:
+            self._refresh[config.oauth_refresh_token] = _Grant(
+                self.client_id, f"contact_data {_OFFLINE_ACCESS}"
+            )
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Forget what the endpoints saw (issued tokens stay valid)."""
+        self.token_calls = 0
+        self.authorize_calls = 0
+        self.issued = 0
+        self.rotated = 0
+        self.errors: dict[str, int] = {}
+
+    def issued_tokens(self) -> list[str]:
+        """The latest access and refresh tokens it issued (bounded), for leak checks."""
+        return list(self._handed_out)
+
+    def access_ok(self, token: str) -> bool:
+        """Whether `token` is an access token this server issued that has not expired."""
+        expires = self._access.get(token)
+        return expires is not None and self._clock() < expires
+
+    def expire_access_tokens(self) -> int:
+        """End every issued access token now (as a revocation or an early expiry would)."""
+        count = len(self._access)
+        self._access.clear()
+        return count
+
+    def revoke_refresh_tokens(self) -> int:
+        """Forget every refresh token: the next refresh with any of them is `invalid_grant`."""
+        count = len(self._refresh)
+        self._refresh.clear()
+        return count
+
+    def stats(self) -> dict[str, object]:
+        """What the authorization server saw; never a token."""
+        now = self._clock()
+        return {
+            "token_calls": self.token_calls,
+            "authorize_calls": self.authorize_calls,
+            "issued": self.issued,
+            "rotated": self.rotated,
+            "errors": dict(self.errors),
+            "live_access_tokens": sum(1 for t in self._access.values() if t > now),
+            "rotate_refresh_tokens": self.config.rotate_refresh_tokens,
+            "token_ttl": self.config.token_ttl,
+        }
+
+    def _fail(self, status: int, error: str, description: str) -> web.Response:
+        self.errors[error] = self.errors.get(error, 0) + 1
+        return _oauth_error(status, error, description)
+
+    def _mint_access(self, scope: str) -> str:
+        now = self._wall_clock()
+        ttl = self.config.token_ttl
+        header = {"kid": "simulator", "alg": "RS256"}
+        claims = {
+            "ver": 1,
+            "jti": "AT." + secrets.token_urlsafe(16),
+            "iss": "simulator/oauth2/default",
+            "aud": "https://api.cc.email",
+            "iat": int(now),
+            "exp": int(now + ttl),
+            "cid": self.client_id,
+            "uid": "simulator-user",
+            "scp": scope.split(),
+        }
+        token = ".".join(
+            (
+                _b64url(json.dumps(header).encode()),
+                _b64url(json.dumps(claims).encode()),
+                _b64url(secrets.token_bytes(32)),
+            )
+        )
+        clock = self._clock()
+        self._access = {t: e for t, e in self._access.items() if e > clock}
+        self._access[token] = clock + ttl
+        self._handed_out.append(token)
+        self.issued += 1
+        return token
+
+    def _issue(self, scope: str, refresh_token: str | None) -> web.Response:
+        ttl = self.config.token_ttl
+        body: dict[str, object] = {
+            "token_type": "Bearer",
+            "expires_in": int(ttl) if float(ttl).is_integer() else ttl,
+            "access_token": self._mint_access(scope),
+            "scope": scope,
+        }
+        if refresh_token is not None:
+            body["refresh_token"] = refresh_token
+            self._handed_out.append(refresh_token)
+        # RFC 6749 §5.1: token answers must not be cached.
+        return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def _client(self, request: web.Request, form: Mapping[str, str]) -> str | web.Response:
+        """The authenticated client id, or the error answer (Basic, or client_id in the form)."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            scheme, _, encoded = header.strip().partition(" ")
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+            except ValueError:
+                decoded = ""
+            if scheme.lower() != "basic" or ":" not in decoded:
+                return self._fail(401, "invalid_client", "Client authentication failed.")
+            client_id, _, secret = decoded.partition(":")
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        expected = self.config.oauth_client_secret
+        if client_id != self.client_id or (
+            not secrets.compare_digest(secret, expected) if expected is not None else bool(secret)
+        ):
+            # A public (PKCE) client has no secret: presenting one is as wrong as a bad one.
+            return self._fail(401, "invalid_client", "Client authentication failed.")
+        return client_id
+
+    async def handle_token(self, request: web.Request) -> web.StreamResponse:
+        """POST the token endpoint: `refresh_token` and `authorization_code` grants."""
+        self.token_calls += 1
+        if not self._window.take(self._clock()):
+            self.errors["rate_limited"] = self.errors.get("rate_limited", 0) + 1
+            reset = math.ceil(self._wall_clock() + 1)
+            return web.json_response(
+                {
+                    "errorCode": "E0000047",
+                    "errorSummary": "API call exceeded rate limit due to too many requests.",
+                },
+                status=429,
+                headers={
+                    "X-Rate-Limit-Limit": str(TOKEN_ENDPOINT_QPS),
+                    "X-Rate-Limit-Remaining": "0",
+                    "X-Rate-Limit-Reset": str(reset),
+                },
+            )
+        form = await request.post()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        client = self._client(request, fields)
+        if isinstance(client, web.Response):
+            return client
+        grant_type = fields.get("grant_type")
+        if grant_type == "refresh_token":
+            return self._refresh_grant(client, fields)
+        if grant_type == "authorization_code":
+            return self._code_grant(client, fields)
+        return self._fail(400, "unsupported_grant_type", "The grant type is not supported.")
+
+    def _refresh_grant(self, client: str, form: Mapping[str, str]) -> web.Response:
+        presented = form.get("refresh_token", "")
+        grant = self._refresh.get(presented)
+        if grant is None or grant.client_id != client:
+            return self._fail(400, "invalid_grant", "The refresh token is invalid or expired.")
+        refresh_token = presented
+        if self.config.rotate_refresh_tokens:
+            del self._refresh[presented]
+            refresh_token = "RT." + secrets.token_urlsafe(32)
+            self._refresh[refresh_token] = grant
+            self.rotated += 1
+        return self._issue(grant.scope, refresh_token)
+
+    def _code_grant(self, client: str, form: Mapping[str, str]) -> web.Response:
+        code = self._codes.pop(form.get("code", ""), None)
+        if (
+            code is None
+            or code.expires <= self._clock()
+            or code.client_id != client
+            or code.redirect_uri != form.get("redirect_uri")
+        ):
+            return self._fail(400, "invalid_grant", "The authorization code is invalid or expired.")
+        if code.challenge is not None:
+            verifier = form.get("code_verifier", "")
+            computed = _b64url(hashlib.sha256(verifier.encode()).digest())
+            if not verifier or not secrets.compare_digest(computed, code.challenge):
+                return self._fail(
+                    400, "invalid_grant", "PKCE verification failed for code challenge method S256."
+                )
+        refresh_token = None
+        if _OFFLINE_ACCESS in code.scope.split():
+            refresh_token = "RT." + secrets.token_urlsafe(32)
+            self._refresh[refresh_token] = _Grant(client, code.scope)
+        return self._issue(code.scope, refresh_token)
+
+    async def handle_authorize(self, request: web.Request) -> web.StreamResponse:
+        """GET the authorize endpoint: the user approves at once (302 to redirect_uri)."""
+        self.authorize_calls += 1
+        query = request.query
+        redirect_uri = query.get("redirect_uri", "")
+        target = URL(redirect_uri)
+        if query.get("client_id") != self.client_id or target.scheme not in ("http", "https"):
+            # Like the real server: no redirect to an unverified place, an error page instead.
+            self.errors["invalid_client"] = self.errors.get("invalid_client", 0) + 1
+            return web.Response(status=400, text="Unknown client_id or bad redirect_uri.\n")
+        reply: dict[str, str] = {}
+        if "state" in query:
+            reply["state"] = query["state"]
+        challenge = query.get("code_challenge")
+        if query.get("response_type") != "code":
+            reply["error"] = "unsupported_response_type"
+        elif challenge is not None and query.get("code_challenge_method") != "S256":
+            reply["error"] = "invalid_request"
+        elif challenge is None and self.config.oauth_client_secret is None:
+            reply["error"] = "invalid_request"  # public clients must use PKCE
+        else:
+            code = secrets.token_urlsafe(24)
+            self._codes[code] = _Code(
+                self.client_id,
+                redirect_uri,
+                challenge,
+                query.get("scope", ""),
+                self._clock() + _CODE_TTL,
+            )
+            reply["code"] = code
+        if "error" in reply:
+            self.errors[reply["error"]] = self.errors.get(reply["error"], 0) + 1
+        raise web.HTTPFound(target.update_query(reply))
+
+    async def handle_expire(self, request: web.Request) -> web.StreamResponse:
+        """POST `/__sim__/oauth/expire`: every issued access token stops working now."""
+        return web.json_response({"expired": self.expire_access_tokens()})
+
+    async def handle_revoke(self, request: web.Request) -> web.StreamResponse:
+        """POST `/__sim__/oauth/revoke`: forget every refresh token and end every access token."""
+        revoked = self.revoke_refresh_tokens()
+        self.expire_access_tokens()
+        return web.json_response({"revoked": revoked})
+
+
 class Simulator:
     """The stand-in's HTTP face: routes, credential checks, travel delays and canned answers.
 
@@ -472,6 +780,11 @@ class Simulator:
         self.ledger = ledger if ledger is not None else QuotaLedger(config)
         self._rng = random.Random(config.seed)
         self._expected_token = config.access_token
+        self.oauth: OAuthServer | None = None
+        if config.oauth_client_id is not None:
+            self.oauth = OAuthServer(
+                config, clock=self.ledger.clock, wall_clock=self.ledger.wall_clock
+            )
         # Stock Mashery marks quota 403s with a header; Constant Contact's may not (a setting).
         over_qps_headers = over_rate_headers = None
         if config.mashery_headers:
@@ -499,12 +812,20 @@ class Simulator:
 
     def routes(self) -> list[web.RouteDef]:
         """The whole HTTP surface in one table; new endpoints (e.g. OAuth) are one line each."""
-        return [
+        routes = [
             web.route("*", "/v2/{tail:.*}", self.handle_v2),
             web.route("*", "/v3/{tail:.*}", self.handle_v3),
             web.get(STATS_PATH, self.handle_stats, allow_head=False),
             web.post(RESET_PATH, self.handle_reset),
         ]
+        if self.oauth is not None:
+            routes += [
+                web.get(OAUTH_AUTHORIZE_PATH, self.oauth.handle_authorize, allow_head=False),
+                web.post(OAUTH_TOKEN_PATH, self.oauth.handle_token),
+                web.post(OAUTH_EXPIRE_PATH, self.oauth.handle_expire),
+                web.post(OAUTH_REVOKE_PATH, self.oauth.handle_revoke),
+            ]
+        return routes
 
     def _delay(self, base: float, jitter: float) -> float:
         return base + self._rng.uniform(0.0, jitter) if jitter else base
@@ -533,7 +854,12 @@ class Simulator:
         values = request.headers.getall("Authorization", [])
         token = _bearer_token(values[0]) if len(values) == 1 else None
         key = (_jwt_client_id(token) if token else None) or V3_SHARED_BUCKET
-        if not self._token_ok(request):
+        if self.oauth is not None:
+            # With OAuth on, any access token it issued is good until it expires.
+            issued = token is not None and self.oauth.access_ok(token)
+            if not issued and (self._expected_token is None or not self._token_ok(request)):
+                return _Refusal(key, self._v3_unauthorized)
+        elif not self._token_ok(request):
             return _Refusal(key, self._v3_unauthorized)
         return key
 
@@ -568,12 +894,17 @@ class Simulator:
         return await self._pass_gateway(request, "v3", self._check_v3)
 
     async def handle_stats(self, request: web.Request) -> web.StreamResponse:
-        """GET `/__sim__/stats`: the ledger's stats as JSON."""
-        return web.json_response(self.ledger.stats())
+        """GET `/__sim__/stats`: the ledger's stats (and the OAuth server's, if on) as JSON."""
+        stats = self.ledger.stats()
+        if self.oauth is not None:
+            stats["oauth"] = self.oauth.stats()
+        return web.json_response(stats)
 
     async def handle_reset(self, request: web.Request) -> web.StreamResponse:
         """POST `/__sim__/reset`: forget all counters, windows and daily counts."""
         self.ledger.reset()
+        if self.oauth is not None:
+            self.oauth.reset_counters()
         return web.json_response({"reset": True})
 
     async def run_neighbour(self, app: web.Application) -> AsyncIterator[None]:
@@ -679,6 +1010,28 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--neighbour-key", help="the key the neighbour spends (default: --api-key, else v3's)"
     )
     parser.add_argument("--seed", type=int, help="seed for the jitter")
+    parser.add_argument(
+        "--oauth-client-id",
+        help="run the OAuth authorize/token endpoints for this client id; v3 then accepts "
+        "the access tokens they issue",
+    )
+    parser.add_argument(
+        "--oauth-client-secret", help="the client's secret (default: a PKCE app without one)"
+    )
+    parser.add_argument(
+        "--oauth-refresh-token", help="a refresh token the token endpoint accepts from the start"
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=float,
+        default=DEFAULT_TOKEN_TTL,
+        help="seconds an issued access token lives (default 86400)",
+    )
+    parser.add_argument(
+        "--rotate-refresh-tokens",
+        action="store_true",
+        help="each refresh returns a new refresh token and invalidates the old one",
+    )
 
 
 def simulator_config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
@@ -701,4 +1054,9 @@ def simulator_config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
         neighbour_qps=ns.neighbour_qps,
         neighbour_key=ns.neighbour_key,
         seed=ns.seed,
+        oauth_client_id=ns.oauth_client_id,
+        oauth_client_secret=ns.oauth_client_secret,
+        oauth_refresh_token=ns.oauth_refresh_token,
+        token_ttl=ns.token_ttl,
+        rotate_refresh_tokens=ns.rotate_refresh_tokens,
     )

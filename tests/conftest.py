@@ -12,10 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import make_app
+from proxy.app import ProxyRunner, make_app, runner_options
 from proxy.config import Config
 from proxy.quota import QuotaBackend
 
@@ -59,6 +60,13 @@ class Recorder:
         return web.json_response({"ok": True, "path": request.raw_path})
 
 
+class _Server(TestServer):
+    """A TestServer run by the same runner, with the same settings, as `serve`."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return ProxyRunner(self.app, **kwargs)
+
+
 ServerFactory = Callable[..., Awaitable[TestServer]]
 StartProxy = Callable[..., Awaitable[tuple[TestServer, URL]]]
 
@@ -69,10 +77,11 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     servers: list[TestServer] = []
 
     async def start(app: web.Application, **kwargs: Any) -> TestServer:
-        kwargs.setdefault("handler_cancellation", True)
-        kwargs.setdefault("auto_decompress", False)
-        server = TestServer(app, host="127.0.0.1", **kwargs)
-        await server.start_server()
+        options = {**runner_options(), **kwargs}
+        # TestServer passes handler_cancellation=True itself (and drops constructor kwargs).
+        options.pop("handler_cancellation")
+        server = _Server(app, host="127.0.0.1")
+        await server.start_server(**options)
         servers.append(server)
         return server
 

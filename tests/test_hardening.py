@@ -1,0 +1,950 @@
+"""Hardening: client tokens, loopback-only by default, limits, smuggling, redaction.
+
+Every test talks to real servers on 127.0.0.1 and asserts on what the client got and on
+what a recording upstream (and a trap server on another port) actually received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.client_reqrep import RequestInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy import logs
+from proxy.app import (
+    BODY_RATE_FLOOR,
+    KEEPALIVE_TIMEOUT,
+    MAX_HEADER_FIELD,
+    MAX_HEADERS,
+    MAX_REQUEST_TARGET,
+    make_app,
+    runner_options,
+)
+from proxy.cli import main
+from proxy.config import Config, ConfigError
+from proxy.credentials import Injector, Secret, query_param_values, redact
+from tests.conftest import (
+    Recorder,
+    ServerFactory,
+    StartProxy,
+    proxy_config,
+    raw_exchange,
+    raw_url,
+)
+
+API_KEY = "REALKEY-4f0c9a2b7d1e"
+ACCESS_TOKEN = "REALTOKEN-9b8a7c6d5e4f3a2b"
+CLIENT_TOKEN = "ctok-alpha-3f9e1b7c55aa"
+OTHER_CLIENT_TOKEN = "ctok-beta-8a2d4c6e77bb"
+SECRETS = (API_KEY, ACCESS_TOKEN, CLIENT_TOKEN, OTHER_CLIENT_TOKEN)
+
+
+def guarded(tmp_path: Path, upstream: URL, **overrides: Any) -> Config:
+    """A proxy with real credentials to inject and two client tokens to demand."""
+    settings: dict[str, Any] = {
+        "api_key": Secret(API_KEY),
+        "access_token": Secret(ACCESS_TOKEN),
+        "client_token": (Secret(CLIENT_TOKEN), Secret(OTHER_CLIENT_TOKEN)),
+        **overrides,
+    }
+    return proxy_config(tmp_path, upstream, **settings)
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-cased names) and body of the first answer in raw bytes."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def answers(raw: bytes) -> int:
+    """How many responses (status lines) raw bytes hold."""
+    return len(re.findall(rb"HTTP/\d\.\d \d{3} ", raw))
+
+
+def request_bytes(target: str, *headers: str, body: bytes = b"", method: str = "GET") -> bytes:
+    """One HTTP/1.1 request that asks the server to close after answering."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: proxy.test", *headers, "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def assert_no_secret(text: str | bytes) -> None:
+    data = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    for secret in SECRETS:
+        assert secret not in data, f"{secret[:8]}... leaked"
+
+
+def assert_clean_upstream_request(rec: Recorder) -> None:
+    """Every request the upstream saw carries the real credentials and no client token."""
+    for seen in rec.seen:
+        path, _, query = seen.raw_path.partition("?")
+        if path.startswith("/v2/"):
+            assert query_param_values(query, "api_key") == [API_KEY]
+        assert [v for k, v in seen.header_list if k.lower() == "authorization"] == [
+            f"Bearer {ACCESS_TOKEN}"
+        ]
+        assert "Proxy-Authorization" not in seen.headers
+        everything = seen.raw_path + "".join(f"{k}:{v}" for k, v in seen.header_list)
+        assert CLIENT_TOKEN not in everything
+        assert OTHER_CLIENT_TOKEN not in everything
+
+
+@pytest.fixture
+async def trap(start_server: ServerFactory) -> tuple[Recorder, URL]:
+    """A server on another port that no request may ever reach."""
+    rec = Recorder()
+    server = await start_server(rec.app())
+    return rec, server.make_url("")
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[StringIO]:
+    """Everything the process logs during a test, as JSON lines, at debug level."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = StringIO()
+    logs.configure("json", "debug", stream=stream)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+# -- client tokens -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        (f"/v2/lists?api_key={CLIENT_TOKEN}&limit=5", ()),
+        (f"/v2/lists?limit=5&api_key={OTHER_CLIENT_TOKEN}", ()),
+        (f"/v2/lists?api%5Fkey={CLIENT_TOKEN}&limit=5", ()),
+        ("/v2/lists?limit=5", (f"Authorization: Bearer {CLIENT_TOKEN}",)),
+        ("/v3/contacts?limit=5", (f"Authorization: bearer {CLIENT_TOKEN}",)),
+        ("/v2/lists?limit=5", (f"Proxy-Authorization: Bearer {CLIENT_TOKEN}",)),
+        (
+            "/v3/contacts?limit=5",
+            (f"Proxy-Authorization: Bearer {CLIENT_TOKEN}", "Authorization: Bearer stale"),
+        ),
+        # A v3 client whose SDK also sends the token as api_key: it must not travel on.
+        (f"/v3/contacts?limit=5&api_key={CLIENT_TOKEN}", ()),
+    ],
+)
+async def test_each_way_of_presenting_a_client_token_is_admitted_and_stripped(
+    target: str,
+    headers: tuple[str, ...],
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    status, _, body = parse(await raw_exchange(server.port, request_bytes(target, *headers)))
+    assert status == 200, body
+    assert len(rec.seen) == 1
+    seen = rec.seen[0]
+    path, _, query = seen.raw_path.partition("?")
+    assert path == target.partition("?")[0]
+    assert "limit=5" in query.split("&")
+    if path.startswith("/v3/"):
+        assert "api_key" not in query
+    assert_clean_upstream_request(rec)
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("/v2/lists", ()),
+        ("/v2/lists?api_key=wrong-token", ()),
+        (f"/v2/lists?api_key={CLIENT_TOKEN}x", ()),
+        (f"/v2/lists?API_KEY={CLIENT_TOKEN}", ()),
+        (f"/v2/lists?apikey={CLIENT_TOKEN}", ()),
+        ("/v2/lists", (f"Authorization: Bearer {CLIENT_TOKEN[:-1]}",)),
+        ("/v2/lists", (f"Authorization: Basic {CLIENT_TOKEN}",)),
+        ("/v2/lists", (f"Authorization: {CLIENT_TOKEN}",)),
+        ("/v2/lists", (f"X-Client-Token: {CLIENT_TOKEN}",)),
+        ("/v3/contacts", ()),
+        ("/v3/contacts", ("Authorization: Bearer ",)),
+        ("/v3/contacts", (f"Proxy-Authorization: Basic {CLIENT_TOKEN}",)),
+        ("/v3/contacts", ("Authorization: Bearer caf\xe9",)),
+    ],
+)
+async def test_missing_or_wrong_client_token_is_401_in_cc_shape(
+    target: str,
+    headers: tuple[str, ...],
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    data = request_bytes(target, *headers, body=b'{"a":1}', method="POST")
+    data = data.replace(b"Connection: close", b"Content-Length: 7\r\nConnection: close")
+    status, answer_headers, body = parse(await raw_exchange(server.port, data))
+    assert status == 401
+    assert answer_headers["content-type"].startswith("application/json")
+    payload = json.loads(body)
+    if target.startswith("/v2/"):
+        assert payload == [
+            {
+                "error_key": "http.status.authentication.invalid_token",
+                "error_message": "A valid client token is required to use this proxy.",
+            }
+        ]
+    else:
+        assert payload["error_key"] == "unauthorized"
+    assert rec.seen == []
+    assert_no_secret(body)
+
+
+async def test_client_tokens_never_pass_through_even_without_configured_credentials(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Pass-through mode: the client's own credentials travel, its proxy token never does.
+    rec, upstream = recorder
+    config = proxy_config(tmp_path, upstream, client_token=(Secret(CLIENT_TOKEN),))
+    server, _ = await start_proxy(config)
+    cases = [
+        request_bytes("/v2/lists?api_key=own-key", f"Proxy-Authorization: Bearer {CLIENT_TOKEN}"),
+        request_bytes(f"/v2/lists?api_key={CLIENT_TOKEN}&api_key=own-key"),
+        request_bytes("/v3/contacts", f"Authorization: Bearer {CLIENT_TOKEN}"),
+        request_bytes(
+            f"/v3/contacts?x=1&api_key={CLIENT_TOKEN}", "Authorization: Bearer own-token"
+        ),
+    ]
+    for data in cases:
+        status, _, _ = parse(await raw_exchange(server.port, data))
+        assert status == 200
+    assert [s.raw_path for s in rec.seen] == [
+        "/v2/lists?api_key=own-key",
+        "/v2/lists?api_key=own-key",
+        "/v3/contacts",
+        "/v3/contacts?x=1",
+    ]
+    authorizations = [s.headers.get("Authorization") for s in rec.seen]
+    assert authorizations == [None, None, None, "Bearer own-token"]
+    assert all("Proxy-Authorization" not in s.headers for s in rec.seen)
+
+
+def test_client_tokens_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("proxy.credentials.hmac.compare_digest", spy)
+    injector = Injector(None, (Secret(CLIENT_TOKEN), Secret(OTHER_CLIENT_TOKEN)))
+    # A match on the first token still compares against the second: no early exit.
+    assert injector.admits("", f"Bearer {CLIENT_TOKEN}", None)
+    assert len(calls) == 2
+    assert all(isinstance(a, bytes) for a, _ in calls)
+    # Values no str comparison could take safely (non-ASCII, lone surrogates) are refused.
+    assert not injector.admits("api_key=%FF%FE", "Bearer caf\xe9", "Bearer \udcff")
+
+
+def test_client_tokens_come_from_repeated_flags_or_a_comma_separated_variable() -> None:
+    env = {"CTCT_PROXY_CLIENT_TOKENS": f"{CLIENT_TOKEN}, {OTHER_CLIENT_TOKEN}"}
+    from_env = Config.from_sources({}, env)
+    assert [t.reveal() for t in from_env.client_token] == [CLIENT_TOKEN, OTHER_CLIENT_TOKEN]
+    flags = {"client_token": ["flag-token-1-0123456", "flag-token-2-0123456"]}
+    from_flags = Config.from_sources(flags, env)
+    assert [t.reveal() for t in from_flags.client_token] == [
+        "flag-token-1-0123456",
+        "flag-token-2-0123456",
+    ]
+    # Short tokens are guessable: refused, naming the setting, without echoing the value.
+    with pytest.raises(ConfigError, match="--client-token: must be at least 16") as short:
+        Config.from_sources({"client_token": [CLIENT_TOKEN, "hunter2"]}, {})
+    assert "hunter2" not in str(short.value)
+    with pytest.raises(ConfigError, match="CTCT_PROXY_CLIENT_TOKENS"):
+        Config.from_sources({}, {"CTCT_PROXY_CLIENT_TOKENS": f"{CLIENT_TOKEN},abc"})
+
+
+# -- listening beyond loopback -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["serve", "--host", "0.0.0.0"], {}),
+        (["serve", "--host", "::"], {}),
+        (["serve", "--host", "192.168.1.20"], {}),
+        (["serve", "--host", "proxy.example.internal"], {}),
+        (["serve"], {"CTCT_PROXY_HOST": "0.0.0.0"}),
+        (["serve", "--host", "0.0.0.0"], {"CTCT_PROXY_TRUST_NETWORK": "false"}),
+    ],
+)
+def test_listening_beyond_loopback_without_client_tokens_exits_2(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv, env) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "--host" in err[0]
+    assert "--client-token" in err[0]
+    assert "--trust-network" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        ({"host": "127.0.0.1"}, {}),
+        ({"host": "127.0.0.5"}, {}),
+        ({"host": "::1"}, {}),
+        ({"host": "localhost"}, {}),
+        ({"host": "0.0.0.0", "client_token": [CLIENT_TOKEN]}, {}),
+        ({"host": "0.0.0.0"}, {"CTCT_PROXY_CLIENT_TOKENS": CLIENT_TOKEN}),
+        ({"host": "0.0.0.0", "trust_network": "true"}, {}),
+        ({"host": "0.0.0.0"}, {"CTCT_PROXY_TRUST_NETWORK": "1"}),
+    ],
+)
+def test_loopback_client_tokens_or_trust_network_are_accepted(
+    flags: dict[str, Any], env: dict[str, str]
+) -> None:
+    config = Config.from_sources(flags, env)
+    assert config.host == flags["host"]
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["v2", "v3"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_body_over_max_body_is_413_in_cc_shape(
+    generation: str,
+    framing: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream, max_body=1000))
+    auth = f"Authorization: Bearer {CLIENT_TOKEN}"
+    target = f"/{generation}/activities"
+    if framing == "content-length":
+        data = request_bytes(target, auth, "Content-Length: 1001", body=b"x" * 1001, method="POST")
+    else:
+        chunks = b"".join(b"190\r\n" + b"x" * 400 + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+        data = request_bytes(target, auth, "Transfer-Encoding: chunked", body=chunks, method="POST")
+    status, headers, body = parse(await raw_exchange(server.port, data))
+    assert status == 413
+    assert headers["content-type"].startswith("application/json")
+    payload = json.loads(body)
+    if generation == "v2":
+        assert payload[0]["error_key"] == "http.status.request_entity_too_large"
+        assert "1000 bytes" in payload[0]["error_message"]
+    else:
+        assert payload["error_key"] == "request_too_large"
+    assert rec.seen == []
+    # Exactly at the limit still goes through, chunked or not.
+    ok = request_bytes(target, auth, "Content-Length: 1000", body=b"y" * 1000, method="POST")
+    status, _, _ = parse(await raw_exchange(server.port, ok))
+    assert status == 200
+    assert rec.seen[0].body == b"y" * 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "status", "error_key"),
+    [
+        (
+            "request target",
+            request_bytes(
+                f"/v2/lists?api_key={CLIENT_TOKEN}&q=" + "a" * MAX_REQUEST_TARGET,
+            ),
+            414,
+            "http.status.request_uri_too_long",
+        ),
+        (
+            "header value",
+            request_bytes(
+                "/v2/lists", f"Authorization: Bearer {CLIENT_TOKEN}", "X-Big: " + "b" * 9000
+            ),
+            431,
+            "http.status.request_header_fields_too_large",
+        ),
+        (
+            "header count",
+            request_bytes(
+                "/v2/lists",
+                f"Authorization: Bearer {CLIENT_TOKEN}",
+                *(f"X-H{i}: {i}" for i in range(MAX_HEADERS + 1)),
+            ),
+            431,
+            "http.status.request_header_fields_too_large",
+        ),
+    ],
+)
+async def test_oversized_request_lines_and_headers_get_cc_shaped_answers(
+    name: str,
+    data: bytes,
+    status: int,
+    error_key: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    got, headers, body = parse(await raw_exchange(server.port, data))
+    assert got == status, body
+    assert headers["content-type"].startswith("application/json")
+    [entry] = json.loads(body)
+    assert entry["error_key"] == error_key
+    assert_no_secret(body)
+    assert rec.seen == []
+    # Just under the limits is fine (leaving room for the headers the proxy adds, as the
+    # recording upstream runs with the same limits).
+    fits = request_bytes(
+        f"/v2/lists?q={'a' * (MAX_REQUEST_TARGET - 200)}",
+        f"Authorization: Bearer {CLIENT_TOKEN}",
+        "X-Big: " + "b" * (MAX_HEADER_FIELD - 100),
+        *(f"X-H{i}: {i}" for i in range(MAX_HEADERS - 8)),
+    )
+    ok, _, _ = parse(await raw_exchange(server.port, fits))
+    assert ok == 200
+    assert len(rec.seen) == 1
+
+
+async def test_a_body_that_trickles_in_gets_408(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream, body_timeout=0.5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        request_bytes(
+            "/v3/contacts",
+            f"Authorization: Bearer {CLIENT_TOKEN}",
+            "Content-Length: 1000",
+            method="POST",
+        )
+    )
+    started = time.monotonic()
+    answer = b""
+    # One byte every 50 ms: alive, but far below the rate floor.
+    for _ in range(60):
+        writer.write(b"x")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        if reader.at_eof() or len(reader._buffer) > 0:  # type: ignore[attr-defined]
+            break
+    answer = await asyncio.wait_for(reader.read(65536), 2)
+    elapsed = time.monotonic() - started
+    writer.close()
+    status, _, body = parse(answer)
+    assert status == 408
+    assert json.loads(body)["error_key"] == "request_timeout"
+    assert 0.4 < elapsed < 1.5
+    assert rec.seen == []
+
+
+async def test_a_body_arriving_steadily_is_not_cut_off(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream, body_timeout=0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    # Twice the grace in total, but each piece extends the deadline at the rate floor.
+    piece = b"z" * BODY_RATE_FLOOR
+    writer.write(
+        request_bytes(
+            "/v2/activities",
+            f"Authorization: Bearer {CLIENT_TOKEN}",
+            f"Content-Length: {len(piece) * 3}",
+            method="POST",
+        )
+    )
+    for _ in range(3):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+    answer = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert parse(answer)[0] == 200
+    assert rec.seen[0].body == piece * 3
+
+
+async def test_a_client_trickling_its_headers_is_disconnected(
+    recorder: tuple[Recorder, URL], start_server: ServerFactory, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    assert runner_options()["keepalive_timeout"] == KEEPALIVE_TIMEOUT
+    server = await start_server(make_app(guarded(tmp_path, upstream)), keepalive_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    started = time.monotonic()
+    writer.write(b"GET /v2/lists HTTP/1.1\r\nHost: x\r\n")
+    closed = False
+    for i in range(40):
+        writer.write(f"X-Slow-{i}: 1\r\n".encode())
+        try:
+            await writer.drain()
+            closed = await asyncio.wait_for(reader.read(1), 0.1) == b""
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            closed = True
+        if closed:
+            break
+    writer.close()
+    assert closed
+    assert time.monotonic() - started < 1.5
+    assert rec.seen == []
+
+
+# -- smuggling and spoofing ----------------------------------------------------------------
+
+AUTH = f"Authorization: Bearer {CLIENT_TOKEN}"
+SMUGGLED = b"GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # CL.TE and TE.CL
+        request_bytes(
+            "/v2/a",
+            AUTH,
+            "Content-Length: 4",
+            "Transfer-Encoding: chunked",
+            body=b"0\r\n\r\n" + SMUGGLED,
+            method="POST",
+        ),
+        request_bytes(
+            "/v2/a",
+            AUTH,
+            "Transfer-Encoding: chunked",
+            "Content-Length: 40",
+            body=b"0\r\n\r\n" + SMUGGLED,
+            method="POST",
+        ),
+        # Duplicate Content-Length, equal or not
+        request_bytes(
+            "/v2/a",
+            AUTH,
+            "Content-Length: 3",
+            "Content-Length: 3",
+            body=b"abc",
+            method="POST",
+        ),
+        request_bytes(
+            "/v2/a",
+            AUTH,
+            "Content-Length: 0",
+            f"Content-Length: {len(SMUGGLED)}",
+            body=SMUGGLED,
+            method="POST",
+        ),
+        request_bytes("/v2/a", AUTH, "Content-Length: 3, 3", body=b"abc", method="POST"),
+        request_bytes("/v2/a", AUTH, "Content-Length: +3", body=b"abc", method="POST"),
+        # Transfer-Encoding that is not exactly chunked
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding: chunked, identity", body=b"0\r\n\r\n", method="POST"
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding: xchunked", body=b"0\r\n\r\n", method="POST"
+        ),
+        request_bytes(
+            "/v2/a",
+            AUTH,
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: chunked",
+            body=b"0\r\n\r\n",
+            method="POST",
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding : chunked", body=b"0\r\n\r\n", method="POST"
+        ),
+        # obs-fold, bare CR / LF and NUL inside header values, whitespace before the colon
+        request_bytes("/v2/a", AUTH, "X-Folded: one\r\n two"),
+        request_bytes("/v2/a", AUTH, "X-Bad: one\rHost: trap"),
+        request_bytes("/v2/a", AUTH, "X-Bad: one\nHost: trap"),
+        request_bytes("/v2/a", AUTH, "X-Bad: one\x00two"),
+        request_bytes("/v2/a", AUTH, "Host : trap"),
+        # A second Host, and a request line with a stray space
+        request_bytes("/v2/a", AUTH, "Host: trap"),
+        request_bytes("/v2/a b", AUTH),
+        # Versions llhttp lets through with HTTP/1 framing
+        request_bytes("/v2/a", AUTH).replace(b"HTTP/1.1", b"HTTP/2.0", 1),
+        request_bytes("/v2/a", AUTH).replace(b" HTTP/1.1", b"", 1),
+    ],
+    ids=[
+        "cl-te",
+        "te-cl",
+        "dup-cl-equal",
+        "dup-cl-different",
+        "cl-list",
+        "cl-plus",
+        "te-chunked-identity",
+        "te-xchunked",
+        "te-twice",
+        "te-space-colon",
+        "obs-fold",
+        "bare-cr",
+        "bare-lf",
+        "nul",
+        "host-space-colon",
+        "two-hosts",
+        "space-in-target",
+        "http-2.0",
+        "http-0.9",
+    ],
+)
+async def test_ambiguous_framing_and_malformed_headers_are_refused(
+    data: bytes,
+    recorder: tuple[Recorder, URL],
+    trap: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    trapped, _ = trap
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    raw = await raw_exchange(server.port, data)
+    status, headers, body = parse(raw)
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    [entry] = json.loads(body)
+    assert entry["error_key"] == "http.status.bad_request"
+    assert_no_secret(body)
+    assert answers(raw) == 1  # nothing smuggled got an answer of its own
+    assert rec.seen == []
+    assert trapped.seen == []
+
+
+async def test_host_and_forwarding_headers_cannot_redirect_a_request(
+    recorder: tuple[Recorder, URL],
+    trap: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    trapped, trap_url = trap
+    trap_host = f"{trap_url.host}:{trap_url.port}"
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    spoofing = (
+        f"X-Forwarded-Host: {trap_host}",
+        "X-Forwarded-Proto: https",
+        "X-Forwarded-Port: 443",
+        "X-Forwarded-Prefix: /v3",
+        f"Forwarded: host={trap_host};proto=https",
+        "X-Original-URL: /v3/admin",
+        "X-Rewrite-URL: /v3/admin",
+        "X-HTTP-Method-Override: DELETE",
+    )
+    data = request_bytes("/v2/lists?x=1", AUTH, *spoofing).replace(
+        b"Host: proxy.test", f"Host: {trap_host}".encode()
+    )
+    status, _, _ = parse(await raw_exchange(server.port, data))
+    assert status == 200
+    [seen] = rec.seen
+    assert seen.method == "GET"
+    assert seen.raw_path == f"/v2/lists?x=1&api_key={API_KEY}"
+    assert seen.headers["Host"] == f"{upstream.host}:{upstream.port}"
+    assert "X-Forwarded-Host" not in seen.headers
+    assert seen.headers["X-Forwarded-Proto"] == "https, http"
+    # Absolute-form and authority-form targets naming the trap are refused outright.
+    for target in (f"http://{trap_host}/v2/lists", f"//{trap_host}/v2/lists", trap_host):
+        raw = await raw_exchange(server.port, request_bytes(target, AUTH))
+        assert raw.startswith(b"HTTP/1.") and parse(raw)[0] in (400, 404), raw[:60]
+    assert len(rec.seen) == 1
+    assert trapped.seen == []
+    assert_clean_upstream_request(rec)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_request_inside_a_body_stays_a_body(
+    framing: str,
+    recorder: tuple[Recorder, URL],
+    trap: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    trapped, trap_url = trap
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    inner = (
+        f"POST /v2/smuggled?api_key={CLIENT_TOKEN} HTTP/1.1\r\nHost: {trap_url.host}:"
+        f"{trap_url.port}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    if framing == "content-length":
+        framed = request_bytes(
+            "/v2/a", AUTH, f"Content-Length: {len(inner)}", body=inner, method="POST"
+        )
+    else:
+        half = len(inner) // 2
+        chunked = b"%x;ext=1\r\n%s\r\n%X\r\n%s\r\n0\r\n\r\n" % (
+            half,
+            inner[:half],
+            len(inner) - half,
+            inner[half:],
+        )
+        framed = request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding: chunked", body=chunked, method="POST"
+        )
+    raw = await raw_exchange(server.port, framed)
+    assert parse(raw)[0] == 200
+    assert answers(raw) == 1
+    [seen] = rec.seen
+    assert (seen.method, seen.raw_path.partition("?")[0], seen.body) == ("POST", "/v2/a", inner)
+    # Re-framed for the upstream: an exact length, never the client's transfer coding.
+    assert seen.headers["Content-Length"] == str(len(inner))
+    assert "Transfer-Encoding" not in seen.headers
+    assert trapped.seen == []
+
+
+async def test_unknown_expectations_are_ignored_and_100_continue_still_works(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    odd = request_bytes("/v2/a", AUTH, "Expect: secret-handshake", "Content-Length: 2", body=b"hi")
+    status, _, _ = parse(await raw_exchange(server.port, odd, timeout=2))
+    assert status == 200
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        request_bytes("/v3/a", AUTH, "Expect: 100-continue", "Content-Length: 2", method="PUT")
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"ok")
+    final = await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    assert parse(final)[0] == 200
+    assert [s.body for s in rec.seen] == [b"hi", b"ok"]
+    assert all("Expect" not in s.headers for s in rec.seen)
+
+
+# -- redaction -----------------------------------------------------------------------------
+
+
+def test_reprs_of_secrets_and_config_hide_every_value(tmp_path: Path) -> None:
+    secret = Secret(API_KEY)
+    assert repr(secret) == "Secret('***')"
+    assert str(secret) == f"{secret}" == "***"
+    config = guarded(
+        tmp_path, URL("http://127.0.0.1:1"), redis_url=Secret("redis://:pw1234@r:6379")
+    )
+    for text in (repr(config), str(config.redacted()), json.dumps(config.redacted())):
+        assert_no_secret(text)
+        assert "pw1234" not in text
+
+
+def test_redact_removes_overlapping_and_encoded_secrets() -> None:
+    short, longer = "s3cr3t-part", "s3cr3t-part-and-more"
+    Secret(short)
+    Secret(longer)
+    Secret("key/with+odd=chars")
+    text = redact(f"a {longer} b {short} c key%2Fwith%2Bodd%3Dchars d")
+    assert text == "a *** b *** c *** d"
+    assert redact("GET /v2/x?limit=1&api_key=unknown-key&b=2") == (
+        "GET /v2/x?limit=1&api_key=***&b=2"
+    )
+    assert redact("Authorization: Bearer eyJ.abc.def") == "Authorization: Bearer ***"
+
+
+def test_aiohttp_exception_text_quoting_urls_is_scrubbed() -> None:
+    url = URL(f"http://upstream.test/v2/lists?api_key={API_KEY}", encoded=True)
+    info = RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+    errors: list[BaseException] = [
+        aiohttp.ClientResponseError(info, (), status=500, message="boom"),
+        aiohttp.InvalidURL(url),
+        aiohttp.ClientPayloadError(f"Response payload is not completed for {url}"),
+    ]
+    for error in errors:
+        assert API_KEY in str(error) or API_KEY in repr(error)
+        assert_no_secret(redact(str(error)))
+        assert_no_secret(redact(repr(error)))
+
+
+def test_log_pipeline_scrubs_events_foreign_records_and_tracebacks(
+    captured_logs: StringIO,
+) -> None:
+    Secret(CLIENT_TOKEN)
+    log = logs.get_logger("test")
+    error = ValueError(f"upstream said no to api_key={API_KEY} and {CLIENT_TOKEN}")
+    log.info("event", url=f"/v2/x?api_key={API_KEY}", nested={"t": [ACCESS_TOKEN]})
+    log.warning("failed", error=error)
+    try:
+        raise error
+    except ValueError:
+        log.exception("crashed")
+        logging.getLogger("aiohttp.server").exception(
+            "Error handling request %s", f"Bearer {CLIENT_TOKEN}"
+        )
+    text = captured_logs.getvalue()
+    assert text.count("\n") == 4
+    assert "Traceback" in text
+    assert_no_secret(text)
+
+
+async def test_unparseable_requests_are_not_echoed_back_or_logged(
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    captured_logs: StringIO,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    bad = [
+        f"G@T /v2/x?api_key={CLIENT_TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /v2/x?api_key={CLIENT_TOKEN} HTTP/9.1\r\nHost: x\r\n\r\n",
+        f"GET /v2/x?api_key={CLIENT_TOKEN}\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /v2/x HTTP/1.1\r\nAuthorization: Bearer {CLIENT_TOKEN}\x01\r\n\r\n",
+        f"GET /v2/x HTTP/1.1\r\nX-Token: {OTHER_CLIENT_TOKEN}\r\n\r\n\r\n".replace(
+            "X-Token", "X Token"
+        ),
+    ]
+    for data in bad:
+        raw = await raw_exchange(server.port, data.encode("latin-1"))
+        status, _, body = parse(raw)
+        assert status == 400
+        [entry] = json.loads(body)
+        assert entry["error_key"] == "http.status.bad_request"
+        assert entry["error_message"].startswith("The request is not valid HTTP/1.1 (")
+        assert "b'" not in entry["error_message"]
+        assert_no_secret(raw)
+    assert rec.seen == []
+    text = captured_logs.getvalue()
+    assert text.count('"request_malformed"') == len(bad)
+    assert_no_secret(text)
+
+
+async def test_what_aiohttp_answers_outside_the_middleware_is_cc_shaped_and_clean(
+    start_server: ServerFactory, captured_logs: StringIO
+) -> None:
+    Secret(CLIENT_TOKEN)
+
+    async def crash(request: web.Request) -> web.Response:
+        raise RuntimeError(f"failed on /v2/x?api_key={API_KEY} for Bearer {CLIENT_TOKEN}")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", crash)
+    server = await start_server(app)
+    status, headers, body = parse(await raw_exchange(server.port, request_bytes("/v2/x")))
+    assert status == 500
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)[0]["error_key"] == "http.status.internal_server_error"
+    # A quoted header name is kept in the reason; the request's own bytes never are.
+    no_host = b"GET /v2/x HTTP/1.1\r\nConnection: close\r\n\r\n"
+    status, _, body = parse(await raw_exchange(server.port, no_host))
+    assert status == 400
+    assert "'Host'" in json.loads(body)[0]["error_message"]
+    text = captured_logs.getvalue()
+    assert "RuntimeError" in text
+    assert_no_secret(text)
+
+
+# -- one full scenario, scanned for secrets ------------------------------------------------
+
+
+@pytest.fixture
+async def cc_like_upstream(start_server: ServerFactory) -> tuple[Recorder, URL]:
+    """A recording upstream that answers like Constant Contact (never echoing credentials)."""
+    rec = Recorder()
+    throttled_once: set[str] = set()
+
+    async def answer(request: web.Request, body: bytes) -> web.StreamResponse:
+        path = request.path
+        if path.endswith("/throttle-once") and path not in throttled_once:
+            throttled_once.add(path)
+            return web.json_response(
+                {"error_key": "throttled", "error_message": "Too Many Requests"}, status=429
+            )
+        if path.endswith("/unauthorized"):
+            return web.json_response(
+                [{"error_key": "http.status.authentication.invalid_token", "error_message": "x"}],
+                status=401,
+            )
+        if path.endswith("/daily"):
+            return web.json_response(
+                {"error_key": "quota_exceeded", "error_message": "Limit Exceeded"}, status=429
+            )
+        return web.json_response({"results": [], "path": path})
+
+    rec.answer = answer
+    server = await start_server(rec.app())
+    return rec, server.make_url("")
+
+
+async def test_no_secret_escapes_a_full_scenario(
+    cc_like_upstream: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    captured_logs: StringIO,
+) -> None:
+    import socket
+
+    rec, upstream = cc_like_upstream
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = URL(f"http://127.0.0.1:{s.getsockname()[1]}")
+    live, proxy = await start_proxy(guarded(tmp_path / "a", upstream, max_body=100))
+    _, proxy_down = await start_proxy(guarded(tmp_path / "b", dead, connect_timeout=0.5))
+    captured: list[str] = []
+    statuses: list[int] = []
+    auth = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+
+    async def call(method: str, url: URL, **kwargs: Any) -> None:
+        async with http.request(method, url, **kwargs) as resp:
+            statuses.append(resp.status)
+            captured.append(str(resp.status) + repr(list(resp.headers.items())))
+            captured.append((await resp.read()).decode("utf-8", "replace"))
+
+    await call("GET", raw_url(proxy, f"/v2/lists?api_key={CLIENT_TOKEN}&limit=1"))
+    await call("POST", proxy / "v3/contacts", headers=auth, json={"email": "a@b.c"})
+    await call(
+        "GET",
+        proxy / "v3/contacts",
+        headers={"Proxy-Authorization": f"Bearer {OTHER_CLIENT_TOKEN}"},
+    )
+    await call("GET", proxy / "v3/throttle-once", headers=auth)  # replayed, then 200
+    await call("GET", proxy / "v2/unauthorized", headers=auth)  # upstream 401 passes through
+    await call("GET", raw_url(proxy, "/v2/lists?api_key=wrong-token"))  # proxy's 401
+    await call("GET", proxy / "nothing/here", headers=auth)  # 404
+    await call("POST", proxy / "v2/big", headers=auth, data=b"x" * 101)  # 413
+    await call("GET", raw_url(proxy_down, f"/v2/lists?api_key={CLIENT_TOKEN}"))  # 502
+    await call("GET", proxy / "v3/daily", headers=auth)  # daily quota: 429, key paused
+    await call("GET", proxy / "v3/contacts", headers=auth)  # paused: 429 at once
+    for data in (
+        f"G@T /v2/x?api_key={CLIENT_TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /v2/{'a' * MAX_REQUEST_TARGET}?api_key={CLIENT_TOKEN} HTTP/1.1\r\n\r\n",
+    ):
+        raw = await raw_exchange(live.port, data.encode())
+        statuses.append(parse(raw)[0])
+        captured.append(raw.decode("utf-8", "replace"))
+    for page in ("status", "metrics", "healthz", "readyz"):
+        await call("GET", proxy / page)
+        await call("GET", proxy_down / page)
+
+    assert statuses[:13] == [200, 200, 200, 200, 401, 401, 404, 413, 502, 429, 429, 400, 414]
+    # The secrets were in play: the upstream got the real ones.
+    assert any(API_KEY in s.raw_path for s in rec.seen)
+    assert all(s.headers["Authorization"] == f"Bearer {ACCESS_TOKEN}" for s in rec.seen)
+    log_text = captured_logs.getvalue()
+    events = [json.loads(line) for line in log_text.splitlines()]
+    finished = {e["status"] for e in events if e["event"] == "request_finished"}
+    assert {200, 401, 404, 413, 429, 502} <= finished
+    assert any(e["event"] == "request_malformed" for e in events)
+    for text in [*captured, log_text]:
+        assert_no_secret(text)
