@@ -473,8 +473,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
                 if fresh is not None:
                     upstream.release()
                     renewed, token = True, fresh
-                    renewed_out = state.injector.outbound("v3", target.query, client_auth, fresh)
-                    headers["Authorization"] = renewed_out.authorization or ""
+                    out = state.injector.outbound("v3", target.query, client_auth, fresh)
+                    if out.authorization is not None:
+                        headers["Authorization"] = out.authorization
                     queue.leave(ticket)
                     ticket = queue.admit(max(0.0, ticket.deadline - state.engine.clock.monotonic()))
                     record.replays += 1

@@ -52,8 +52,9 @@ class Secret:
 # Every secret the process has been told about, so that `redact` can scrub text it did not
 # produce (exception messages, upstream error text). Process-wide on purpose: a log line
 # written anywhere must be clean, whichever app instance holds the secret. Kept longest
-# first, so that a secret containing another is replaced whole rather than in part.
-_KNOWN_SECRETS: list[str] = []
+# first, so that a secret containing another is replaced whole rather than in part, and
+# replaced (never mutated) so that a thread logging meanwhile iterates a complete tuple.
+_KNOWN_SECRETS: tuple[str, ...] = ()
 _SECRET_PATTERN: list[re.Pattern[str]] = [
     re.compile(
         r"(?i)((?:api_key|access_token|refresh_token|client_secret|code_verifier|code)=)[^&\s\"']+"
@@ -67,11 +68,11 @@ _MIN_SCRUBBED = 4
 
 
 def register_secret(value: str) -> None:
-    """Remember a secret (and its percent-encoded form) so that `redact` removes it from any text."""
-    for form in (value, quote(value, safe="")):
-        if len(form) >= _MIN_SCRUBBED and form not in _KNOWN_SECRETS:
-            _KNOWN_SECRETS.append(form)
-    _KNOWN_SECRETS.sort(key=len, reverse=True)
+    """Remember a secret (and its percent-encoded form) for `redact` to remove from any text."""
+    global _KNOWN_SECRETS
+    forms = {form for form in (value, quote(value, safe="")) if len(form) >= _MIN_SCRUBBED}
+    if not forms.issubset(_KNOWN_SECRETS):
+        _KNOWN_SECRETS = tuple(sorted({*_KNOWN_SECRETS, *forms}, key=len, reverse=True))
 
 
 def redact(text: str) -> str:

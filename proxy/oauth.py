@@ -747,11 +747,12 @@ class OAuthTokens(TokenSource):
 
     async def _keep_fresh(self) -> None:
         while True:
-            now = self._clock.time()
             due = self._tokens.refresh_due() if self._failure is None else self._retry_at
             # While failing, a newer saved token set (a `login`) is worth trying at once.
-            if now < due and self._failure is not None and await self._store_has_newer():
-                due = now
+            failing = self._failure is not None and self._clock.time() < due
+            if failing and await self._store_has_newer():
+                due = -math.inf
+            now = self._clock.time()
             if now < due:
                 await self._clock.sleep(min(due - now, MAX_NAP))
                 continue

@@ -304,6 +304,7 @@ class RedisBackend:
         self._back = 1  # replicas known to be back in shared mode, while settling
         self._replicas_seen = 0
         self._problem: str | None = None
+        self._last_failure = "Redis did not answer"
         self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -332,7 +333,7 @@ class RedisBackend:
                 "shared_mode_changed",
                 mode="fallback",
                 previous=None,
-                reason=self._problem or "Redis did not answer at start-up",
+                reason=self._last_failure,
                 replicas=self.replicas(),
                 replica=self.replica_id,
             )
@@ -523,6 +524,7 @@ class RedisBackend:
         return None
 
     def _lost(self, reason: str, *, problem: bool = False) -> None:
+        self._last_failure = reason
         if problem:
             self._problem = reason
         if self._mode == "fallback":

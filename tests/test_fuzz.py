@@ -372,7 +372,7 @@ def check_upstream_request(stack: Stack, seen: Any) -> None:
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -401,8 +401,15 @@ def test_generated_requests_never_break_or_get_past_the_proxy(
         assert secret not in text
     head, _, rest = raw.partition(b"\r\n\r\n")
     length = re.search(rb"\r\nContent-Length: (\d+)", head)
-    if statuses and 400 <= statuses[0] < 500 and length and generated.method != "HEAD":
-        # The proxy's own refusals are in Constant Contact's shape.
+    # The proxy's own refusals are in Constant Contact's shape; the exception is aiohttp's
+    # plain-text 417 for an unknown Expect on a path that is not /v2 or /v3 (docs/security.md).
+    if (
+        statuses
+        and 400 <= statuses[0] < 500
+        and statuses[0] != 417
+        and length
+        and generated.method != "HEAD"
+    ):
         payload = json.loads(rest[: int(length.group(1))])
         entry = payload[0] if isinstance(payload, list) else payload
         assert set(entry) == {"error_key", "error_message"}

@@ -34,7 +34,7 @@ from proxy.app import (
     make_app,
     runner_options,
 )
-from proxy.cli import main
+from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, query_param_values, redact
 from tests.conftest import (
@@ -306,23 +306,24 @@ def test_listening_beyond_loopback_without_client_tokens_exits_2(
 
 
 @pytest.mark.parametrize(
-    ("flags", "env"),
+    ("argv", "env"),
     [
-        ({"host": "127.0.0.1"}, {}),
-        ({"host": "127.0.0.5"}, {}),
-        ({"host": "::1"}, {}),
-        ({"host": "localhost"}, {}),
-        ({"host": "0.0.0.0", "client_token": [CLIENT_TOKEN]}, {}),
-        ({"host": "0.0.0.0"}, {"CTCT_PROXY_CLIENT_TOKENS": CLIENT_TOKEN}),
-        ({"host": "0.0.0.0", "trust_network": "true"}, {}),
-        ({"host": "0.0.0.0"}, {"CTCT_PROXY_TRUST_NETWORK": "1"}),
+        (["serve", "--host", "127.0.0.1"], {}),
+        (["serve", "--host", "127.0.0.5"], {}),
+        (["serve", "--host", "::1"], {}),
+        (["serve", "--host", "localhost"], {}),
+        (["serve", "--host", "0.0.0.0", "--client-token", CLIENT_TOKEN], {}),
+        (["serve", "--host", "0.0.0.0"], {"CTCT_PROXY_CLIENT_TOKENS": CLIENT_TOKEN}),
+        (["serve", "--host", "0.0.0.0", "--trust-network"], {}),
+        (["serve", "--host", "0.0.0.0"], {"CTCT_PROXY_TRUST_NETWORK": "1"}),
     ],
 )
 def test_loopback_client_tokens_or_trust_network_are_accepted(
-    flags: dict[str, Any], env: dict[str, str]
+    argv: list[str], env: dict[str, str]
 ) -> None:
-    config = Config.from_sources(flags, env)
-    assert config.host == flags["host"]
+    # The same parsing `main` does, short of serving.
+    config = Config.from_sources(vars(build_parser().parse_args(argv)), env)
+    assert config.host == argv[2]
 
 
 # -- limits --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy import logs
+from proxy.cli import main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, fingerprint
 from proxy.oauth import (
@@ -527,11 +528,24 @@ async def test_refused_token_is_not_retried_but_a_login_heals(
 
     await until(failed_once)
     assert not tokens.ready
-    for seconds in (1, 2, 4, 8):  # the backoff: each retry looks, none calls
+    # The backoff doubles; each retry re-reads the state file, none calls the endpoint.
+    for attempt, seconds in enumerate((1, 2, 4, 8, 16, 32), start=2):
         await clock.advance(seconds)
-        await asyncio.sleep(0.05)
+
+        async def retried(count: int = attempt) -> bool:
+            return len(events(log_text, "oauth_refresh_failed")) == count
+
+        await until(retried)
     assert sim.oauth.token_calls == 1
-    assert len(events(log_text, "oauth_refresh_failed")) >= 4
+    assert [e["retry_in"] for e in events(log_text, "oauth_refresh_failed")] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+    ]
 
     # Someone runs `ctct-proxy login` meanwhile: the keeper finds the new state and uses it.
     new = TokenSet(
@@ -543,7 +557,7 @@ async def test_refused_token_is_not_retried_but_a_login_heals(
         None,
     )
     FileTokenStore(tmp_path / "state" / STATE_FILE_NAME).write(new)
-    await clock.advance(30)
+    await clock.advance(30)  # well before the next retry (64 s): the keeper looks anyway
 
     async def healed() -> bool:
         return tokens.ready
@@ -648,3 +662,12 @@ async def test_login_ignores_a_forged_state_and_reports_a_denial(
     with pytest.raises(Exception, match="access_denied"):
         await asyncio.wait_for(task, 5)
     assert not (tmp_path / "state" / STATE_FILE_NAME).exists()
+
+
+def test_login_command_exits_2_naming_the_missing_setting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["login", "--redirect-port", "0"], env={}) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ctct-proxy: error: --client-id: is required for login (env CTCT_CLIENT_ID)"
+    )
