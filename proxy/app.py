@@ -63,7 +63,7 @@ from proxy.quota import (
     Ticket,
     next_reset,
 )
-from proxy.shared import RedisBackend
+from proxy.shared import RedisBackend, RedisTokenStore
 from proxy.upstream_errors import Generation, QuotaKind, cc_error_body, classify, error_key_for
 
 log = get_logger("proxy")
@@ -150,7 +150,11 @@ def _resources(
             chosen,
             clock,
         )
-        oauth = await open_token_source(config)
+        share = None
+        if shared is not None and config.client_id is not None:
+            client, client_id = shared.client, config.client_id.reveal()
+            share = lambda local: RedisTokenStore(client, client_id, local)  # noqa: E731
+        oauth = await open_token_source(config, share=share)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(

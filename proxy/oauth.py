@@ -702,6 +702,10 @@ class OAuthTokens(TokenSource):
         ours = self._tokens
         if stored is None or stored.client != ours.client:
             return ours
+        if ours.access_token is None and stored.origin == ours.origin and stored.access_token:
+            # We hold only the configured refresh token; the store holds what another
+            # replica or process already got for it (rotated, perhaps): theirs is newer.
+            return stored
         return stored if stored.obtained_at > ours.obtained_at else ours
 
     async def _call(self, refresh_token: Secret) -> TokenAnswer:
@@ -780,7 +784,12 @@ def _reveal_access(tokens: TokenSet) -> str:
     return tokens.access_token.reveal()
 
 
-async def open_token_source(config: Config, *, clock: Clock | None = None) -> OAuthTokens | None:
+async def open_token_source(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    share: Callable[[TokenStore], TokenStore] | None = None,
+) -> OAuthTokens | None:
     """The OAuth token source for `serve`, started; None when OAuth is not configured.
 
     OAuth is on when a refresh token is configured or a token state file exists; it needs
@@ -791,7 +800,10 @@ async def open_token_source(config: Config, *, clock: Clock | None = None) -> OA
             log.warning("oauth_state_ignored", reason="no --client-id to refresh it with")
         return None
     path = state_path(config)
-    store = FileTokenStore(path)
+    store: TokenStore = FileTokenStore(path)
+    if share is not None:
+        # Replicas: one refreshes under a shared lock, the others adopt its result.
+        store = share(store)
     try:
         stored = await store.load()
     except StateUnreadable as exc:
@@ -814,15 +826,6 @@ async def open_token_source(config: Config, *, clock: Clock | None = None) -> OA
         state_file=str(path),
         pkce=config.client_secret is None,
     )
-    if config.redis_url is not None:
-        # The seam is TokenStore: a Redis-backed one (lock + shared token set) would let one
-        # replica refresh and the others adopt its result. Until then, say what this means.
-        log.warning(
-            "oauth_tokens_per_replica",
-            note="each replica refreshes on its own; with rotating refresh tokens, replicas "
-            "must share --state-dir (same host or a volume with flock) or they will "
-            "invalidate each other's refresh tokens",
-        )
     tokens = OAuthTokens(TokenClient.open(config), store, start, clock=clock)
     tokens.start()
     return tokens

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,8 +32,16 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import AuthenticationError, RedisError
 
 from proxy.config import Config
-from proxy.credentials import redact
+from proxy.credentials import fingerprint, redact
 from proxy.logs import get_logger
+from proxy.oauth import (
+    LOCK_POLL,
+    LOCK_TIMEOUT,
+    RefreshFailed,
+    StateUnreadable,
+    TokenSet,
+    TokenStore,
+)
 from proxy.quota import (
     Clock,
     LocalBackend,
@@ -306,6 +316,11 @@ class RedisBackend:
         self._problem: str | None = None
         self._last_failure = "Redis did not answer"
         self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client, for other state the replicas share (OAuth tokens)."""
+        return self._client
 
     @classmethod
     def from_config(cls, config: Config, clock: Clock | None = None) -> RedisBackend:
@@ -614,3 +629,101 @@ class RedisBackend:
                 return False
             memory.sent, memory.unsynced = int(reply), 0
         return True
+
+
+# -- OAuth tokens shared by replicas ----------------------------------------------------------
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# A refresh (lock, token call, save) takes well under this; a crashed holder's lock expires.
+TOKEN_LOCK_TTL = 30.0
+# Unused refresh tokens expire after 180 days at Constant Contact; keep the set as long.
+TOKEN_SET_TTL = 180 * 86_400
+
+
+class RedisTokenStore:
+    """The OAuth token set shared by replicas: one refresher at a time, one result for all.
+
+    The lock is a Redis key with an expiry (SET NX PX), released only by its holder; the
+    token set is a value under a key named by the client id's fingerprint. Every save also
+    goes to the replica's own state file first, so a restart without Redis still has the
+    newest rotated refresh token. When Redis is away, the local file and its lock serve alone.
+    Redis then holds the tokens as a value (key names carry fingerprints only): give it a
+    password and TLS (`rediss://`) when it is reachable by others.
+    """
+
+    def __init__(self, client: aioredis.Redis, client_id: str, local: TokenStore) -> None:
+        tag = "oauth-" + fingerprint(client_id)
+        self._client = client
+        self._local = local
+        self._key = f"ctct:{{{tag}}}:tokens"
+        self._lock = f"ctct:{{{tag}}}:lock"
+        self._release = client.register_script(_RELEASE)
+
+    async def load(self) -> TokenSet | None:
+        """The newer of the shared token set and the local one."""
+        local = await self._local.load()
+        try:
+            raw = await asyncio.wait_for(self._client.get(self._key), CALL_TIMEOUT * 4)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("oauth_shared_store_unavailable", error=redact(str(exc)))
+            return local
+        if raw is None:
+            return local
+        try:
+            shared = TokenSet.from_json(json.loads(raw))
+        except (ValueError, StateUnreadable) as exc:
+            log.warning("oauth_shared_store_unreadable", error=str(exc))
+            return local
+        if local is None or shared.obtained_at >= local.obtained_at:
+            return shared
+        return local
+
+    async def save(self, tokens: TokenSet) -> None:
+        """Save locally (durable first), then share."""
+        await self._local.save(tokens)
+        try:
+            await asyncio.wait_for(
+                self._client.set(self._key, json.dumps(tokens.to_json()), ex=TOKEN_SET_TTL),
+                CALL_TIMEOUT * 4,
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("oauth_shared_store_unavailable", error=redact(str(exc)))
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the replicas' refresh lock (and the local one) across load-refresh-save."""
+        token = uuid.uuid4().hex
+        held = False
+        deadline = asyncio.get_running_loop().time() + LOCK_TIMEOUT
+        while True:
+            try:
+                held = bool(
+                    await asyncio.wait_for(
+                        self._client.set(self._lock, token, nx=True, px=int(TOKEN_LOCK_TTL * 1000)),
+                        CALL_TIMEOUT * 4,
+                    )
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                # Never fail a refresh because Redis is away: the local lock still serialises
+                # this host, and a replica cut off from Redis cannot be coordinated anyway.
+                log.warning("oauth_shared_lock_unavailable", error=redact(str(exc)))
+                break
+            if held:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise RefreshFailed(
+                    "state_locked", description="the replicas' OAuth lock stayed taken"
+                )
+            await asyncio.sleep(LOCK_POLL)
+        try:
+            async with self._local.exclusive():
+                yield
+        finally:
+            if held:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(
+                        self._release(keys=[self._lock], args=[token]), CALL_TIMEOUT * 4
+                    )
