@@ -441,17 +441,23 @@ async def test_a_body_that_trickles_in_gets_408(
         )
     )
     started = time.monotonic()
-    answer = b""
-    # One byte every 50 ms: alive, but far below the rate floor.
-    for _ in range(60):
-        writer.write(b"x")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        if reader.at_eof() or len(reader._buffer) > 0:  # type: ignore[attr-defined]
-            break
-    answer = await asyncio.wait_for(reader.read(65536), 2)
-    elapsed = time.monotonic() - started
-    writer.close()
+
+    async def trickle() -> None:
+        # One byte every 50 ms: alive, but far below the rate floor.
+        for _ in range(60):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        elapsed = time.monotonic() - started
+        length = int(parse(head)[1]["content-length"])
+        answer = head + await asyncio.wait_for(reader.readexactly(length), 2)
+    finally:
+        trickling.cancel()
+        writer.close()
     status, _, body = parse(answer)
     assert status == 408
     assert json.loads(body)["error_key"] == "request_timeout"
