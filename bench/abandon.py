@@ -15,9 +15,8 @@ import json
 import tempfile
 
 import aiohttp
-from aiohttp import web
 
-from bench.common import free_port, start, stop, wait_ready
+from bench.common import free_port, recording_upstream, start, stop, wait_ready
 
 
 async def main() -> None:
@@ -31,16 +30,7 @@ async def main() -> None:
 
     seen: list[str] = []
 
-    async def upstream_handler(request: web.Request) -> web.Response:
-        seen.append(request.headers["X-Request-Id"])
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", upstream_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    up_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", up_port).start()
+    runner, up_port = await recording_upstream(lambda r: seen.append(r.headers["X-Request-Id"]))
     proxy_port = free_port()
     with tempfile.TemporaryDirectory() as state:
         proxy = start(

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
-from bench.common import free_port, start, stop, wait_ready
+from bench.common import free_port, recording_upstream, start, stop, wait_ready
 
 
 def rss_mb(pid: int) -> float:
@@ -50,16 +49,9 @@ async def main() -> None:
 
     order: list[int] = []
 
-    async def upstream_handler(request: web.Request) -> web.Response:
-        order.append(int(request.headers["X-Request-Id"]))
-        return web.Response(text="ok")
-
-    upstream_app = web.Application()
-    upstream_app.router.add_route("*", "/{tail:.*}", upstream_handler)
-    runner = web.AppRunner(upstream_app, access_log=None)
-    await runner.setup()
-    up_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", up_port).start()
+    runner, up_port = await recording_upstream(
+        lambda r: order.append(int(r.headers["X-Request-Id"]))
+    )
 
     proxy_port = free_port()
     with tempfile.TemporaryDirectory() as state:

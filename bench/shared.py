@@ -19,13 +19,12 @@ import itertools
 import json
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.common import free_port, start, stop, wait_ready
+from bench.common import drive, free_port, start, stop, wait_ready
 from tests.redis_server import RedisServer
 
 KEY = "bench-shared-api-key"
@@ -69,36 +68,6 @@ async def watch_modes(session: aiohttp.ClientSession, proxies: list[str], run: R
                 last[proxy] = mode
                 run.note(f"replica {i}: {mode}")
         await asyncio.sleep(MODE_POLL)
-
-
-async def drive(
-    session: aiohttp.ClientSession, proxies: list[str], clients: int, stop_at: float
-) -> Counter[str]:
-    """C clients, spread over the replicas, each sending back-to-back until stop_at."""
-    outcomes: Counter[str] = Counter()
-
-    async def client(proxy: str) -> None:
-        while time.monotonic() < stop_at:
-            async with session.get(proxy + "/v2/contacts") as resp:
-                body = await resp.read()
-            if resp.status == 200:
-                outcomes["ok"] += 1
-            elif resp.status in (403, 429) and (
-                b"over" in body or b"throttled" in body or b"quota" in body
-            ):
-                # A raw gateway error or the proxy's own 429: either way a quota error.
-                kind = "raw_gateway" if "Retry-After" not in resp.headers else "proxy_429"
-                outcomes[kind] += 1
-            else:
-                outcomes[f"status_{resp.status}"] += 1
-
-    tasks = [asyncio.create_task(client(proxies[i % len(proxies)])) for i in range(clients)]
-    # Clients still queued when the time is up disconnect: they cost nothing upstream.
-    await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return outcomes
 
 
 async def outage(
@@ -223,7 +192,9 @@ async def main() -> None:
                 chaos = asyncio.create_task(
                     outage(redis, session, sim_url, run, args.kill_redis_at, args.restart_redis_at)
                 )
-                outcomes = await drive(session, proxies, args.clients, run.started + args.seconds)
+                outcomes = await drive(
+                    session, proxies, args.clients, run.started + args.seconds, "/v2/contacts"
+                )
                 run.snapshots["end"] = await sim_totals(session, sim_url)
                 chaos.cancel()
                 await asyncio.sleep(2 * MODE_POLL)

@@ -48,7 +48,8 @@ class ConfigError(ValueError):
     """A setting has a bad value; the message names the setting."""
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """Parse a positive, finite number (ValueError says what it must be)."""
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number")
@@ -69,7 +70,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _port(text: str) -> int:
+def port_number(text: str) -> int:
+    """Parse a TCP port, 0 to 65535 (ValueError says what it must be)."""
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number from 0 to 65535")
@@ -160,7 +162,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "CTCT_PROXY_HOST", str, "address to listen on", DEFAULT_HOST),
     Setting(
-        "port", "CTCT_PROXY_PORT", _port, "port (0 = pick a free one and log it)", str(DEFAULT_PORT)
+        "port",
+        "CTCT_PROXY_PORT",
+        port_number,
+        "port (0 = pick a free one and log it)",
+        str(DEFAULT_PORT),
     ),
     Setting(
         "api_key", "CTCT_API_KEY", _secret, "v2 API key to inject (also names the v3 quota bucket)"
@@ -181,7 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_UPSTREAM_V3,
     ),
     Setting(
-        "qps", "CTCT_PROXY_QPS", _positive_float, "per-key requests per second", str(DEFAULT_QPS)
+        "qps", "CTCT_PROXY_QPS", positive_float, "per-key requests per second", str(DEFAULT_QPS)
     ),
     Setting(
         "daily_quota",
@@ -193,7 +199,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_wait",
         "CTCT_PROXY_MAX_WAIT",
-        _positive_float,
+        positive_float,
         "longest a request may wait in the queue, seconds",
         str(DEFAULT_MAX_WAIT),
     ),
@@ -221,21 +227,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "body_timeout",
         "CTCT_PROXY_BODY_TIMEOUT",
-        _positive_float,
+        positive_float,
         "seconds a client gets to send a request body, plus 1 per 16 KiB; slower answers 408",
         str(DEFAULT_BODY_TIMEOUT),
     ),
     Setting(
         "connect_timeout",
         "CTCT_PROXY_CONNECT_TIMEOUT",
-        _positive_float,
+        positive_float,
         "seconds to connect to the upstream (then 502)",
         str(DEFAULT_CONNECT_TIMEOUT),
     ),
     Setting(
         "upstream_timeout",
         "CTCT_PROXY_UPSTREAM_TIMEOUT",
-        _positive_float,
+        positive_float,
         "seconds to wait for upstream data (then 504)",
         str(DEFAULT_UPSTREAM_TIMEOUT),
     ),

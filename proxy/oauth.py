@@ -39,7 +39,7 @@ from aiohttp import web
 from aiolimiter import AsyncLimiter
 from yarl import URL
 
-from proxy.config import SETTINGS, Config, ConfigError
+from proxy.config import SETTINGS, Config, ConfigError, port_number, positive_float
 from proxy.credentials import Secret, TokenSource, fingerprint, redact
 from proxy.errors import CredentialsNeedAttention
 from proxy.logs import get_logger
@@ -1050,9 +1050,9 @@ def login_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Co
     for name, parse in (
         ("authorize_url", _authorize_url),
         ("redirect_host", _host),
-        ("redirect_port", _port),
+        ("redirect_port", port_number),
         ("scope", _scope),
-        ("timeout", _timeout),
+        ("timeout", positive_float),
     ):
         text, source = given(name)
         if text is None:
@@ -1080,21 +1080,7 @@ def _host(text: str) -> str:
     return text
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
-
-
 def _scope(text: str) -> str:
     if not text.strip():
         raise ValueError("must name at least one scope")
     return " ".join(text.split())
-
-
-def _timeout(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise ValueError("must be a positive number of seconds")
-    return value

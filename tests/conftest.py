@@ -19,6 +19,7 @@ from yarl import URL
 from proxy.app import ProxyRunner, make_app, runner_options
 from proxy.config import Config
 from proxy.quota import QuotaBackend
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -150,3 +151,12 @@ async def raw_exchange(port: int | None, data: bytes, timeout: float = 5.0) -> b
     finally:
         writer.close()
     return b"".join(chunks)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free port, stopped at the end (tests may stop/start it)."""
+    server = RedisServer(tmp_path / "redis")
+    await server.start()
+    yield server
+    await server.stop()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 import redis.asyncio as aioredis
 
 from proxy.credentials import Secret
@@ -16,14 +14,6 @@ from proxy.simulator import OAUTH_EXPIRE_PATH
 from tests.conftest import ServerFactory, StartProxy
 from tests.redis_server import RedisServer
 from tests.test_oauth import SEED, get_v3, oauth_config, sim_stats, start_sim
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_replicas_refresh_once_and_share_the_rotated_token(

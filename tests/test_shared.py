@@ -38,14 +38,6 @@ MakeBackend = Callable[..., Awaitable[RedisBackend]]
 
 
 @pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def backends() -> AsyncIterator[MakeBackend]:
     made: list[RedisBackend] = []
 
