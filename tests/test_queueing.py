@@ -80,7 +80,7 @@ async def test_429_at_once_when_the_wait_is_beyond_prefer(
         )
     assert elapsed < 0.5  # answered at once, not after waiting
     assert isinstance(body, shape)
-    entry = body[0] if isinstance(body, list) else body
+    entry: dict[str, str] = body[0] if isinstance(body, list) else body
     assert entry["error_key"] == key
     assert f"{retry_after} seconds" in entry["error_message"]
     assert retry_after >= 2  # 4 still ahead at 2/s
