@@ -57,7 +57,7 @@ async def test_a_burst_against_the_rolling_window_sees_no_quota_error(
 async def test_429_at_once_when_the_wait_is_beyond_prefer(
     path: str,
     key: str,
-    shape: type,
+    shape: Any,
     recorder: tuple[Recorder, URL],
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
