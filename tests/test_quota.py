@@ -28,7 +28,12 @@ async def granted_at(
     elapsed = 0.0
     while elapsed < seconds:
         for i, t in enumerate(tickets):
-            if i not in times and t.future.done() and not t.future.cancelled() and t.future.exception() is None:
+            if (
+                i not in times
+                and t.future.done()
+                and not t.future.cancelled()
+                and t.future.exception() is None
+            ):
                 times[i] = clock.now
         await clock.advance(step)
         elapsed += step
