@@ -32,6 +32,13 @@ ACCESS_TOKEN = "REAL-TOKEN"
 QPS = 4
 V2_OVER_QPS = "mashery.not.authorized.over.qps"
 V3_THROTTLED = "throttled"
+# The simulator shares this process's event loop with the proxy while six client processes
+# compete for two cores, so its recorded arrival times carry loop stalls on top of the 20 ms
+# jitter (measured: arrivals bunched by up to ~40 ms, which made 5 arrivals in 0.98 s about
+# once in 20 runs at the default margin). That is latency spread as far as the rolling window
+# is concerned, and the margin is the proxy's setting for it; the default 25 ms is sized for
+# the benchmark's separate processes.
+PACING_MARGIN = 0.1
 
 Line = dict[str, object]
 
@@ -44,7 +51,10 @@ async def _start_pair(
     neighbour_qps: float = 0.0,
     **overrides: Any,
 ) -> tuple[URL, URL]:
-    """The simulator (real credentials, 4/s rolling, 20 ms arrival jitter) and one proxy."""
+    """The simulator (real credentials, 4/s rolling, 20 ms arrival jitter) and one proxy.
+
+    ``neighbour_qps`` makes another program spend the same key straight at the simulator.
+    """
     sim = await start_server(
         make_simulator_app(
             SimulatorConfig(
@@ -65,6 +75,7 @@ async def _start_pair(
             api_key=Secret(API_KEY),
             access_token=Secret(ACCESS_TOKEN),
             qps=float(QPS),
+            pacing_margin=PACING_MARGIN,
             **overrides,
         )
     )
@@ -169,7 +180,7 @@ async def test_every_client_at_once_through_one_proxy(
     than 4 arrivals in a second nor a rejection the proxy did not replay.
     """
     await asyncio.to_thread(clients.ensure_built)
-    sim, proxy = await _start_pair(start_server, start_proxy, tmp_path, neighbour_qps=0.5)
+    sim, proxy = await _start_pair(start_server, start_proxy, tmp_path)
     base = _base(proxy)
     php_count, php_processes, cs_v2_count, cs_v3_count = 3, 3, 8, 6
 
@@ -207,10 +218,39 @@ async def test_every_client_at_once_through_one_proxy(
     # Any per-second rejection the upstream gave was recognised and replayed, never passed on.
     rejected = upstream["rejected"]["per_second"]
     assert counters.get("ctct_proxy_replays_total", 0.0) == rejected, counters
-    print("STATS", upstream, counters.get("ctct_proxy_replays_total"), elapsed)
     assert counters.get("ctct_proxy_upstream_quota_errors_total{kind=per_second}", 0.0) == rejected
     # Paced at 4/s through one key: no faster than the quota allows.
     assert elapsed >= (total - QPS) / QPS, elapsed
+
+
+async def test_gateway_rejections_are_replayed_never_shown(
+    start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Another program spends 2 of the key's 4 calls a second straight at the gateway, so the
+    proxy's sends do get 403 ``mashery.not.authorized.over.qps``: the proxy must recognise
+    each one and replay it, and the PHP and C# clients only ever see their 200s."""
+    await asyncio.to_thread(clients.ensure_built)
+    sim, proxy = await _start_pair(start_server, start_proxy, tmp_path, neighbour_qps=2.0)
+    base = _base(proxy)
+
+    php, cs_v2 = await asyncio.gather(
+        clients.run_php_v2(base, 3, "crowded"), clients.run_cs_v2(base, 6)
+    )
+    every = [*php, *cs_v2]
+    for line in every:
+        _assert_no_raw_gateway_error(line)
+        assert _ok(line), line
+        _assert_byte_exact(line)
+        assert line["attempts"] == 1, line
+
+    upstream = await _upstream_totals(sim)
+    counters = await _proxy_counters(proxy)
+    rejected = upstream["rejected"]["per_second"]
+    assert rejected >= 1, upstream  # the neighbour made the gateway say no
+    assert counters.get("ctct_proxy_upstream_quota_errors_total{kind=per_second}", 0.0) == rejected
+    assert counters.get("ctct_proxy_replays_total", 0.0) == rejected, counters
+    assert upstream["accepted"] == len(every), upstream
+    assert upstream["max_arrivals_1s"] <= QPS, upstream
 
 
 async def test_short_max_wait_gives_each_client_a_429_it_understands(
@@ -289,7 +329,7 @@ async def test_expect_100_continue_is_answered_here_not_forwarded(
         params={"api_key": "stale"},
         data=body,
         headers={"Content-Type": "application/json"},
-        expect100=True,  # the client waits for the proxy's 100 Continue, as Mono does
+        expect100=True,  # send Expect: 100-continue and wait for the 100, as HttpWebRequest
         timeout=aiohttp.ClientTimeout(total=4),
     ) as resp:
         assert resp.status == 200

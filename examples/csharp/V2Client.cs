@@ -4,10 +4,11 @@
 // calls fired at once as async tasks (Task.WhenAll over GetResponseAsync): the pattern the
 // forum's C# users hit mashery.not.authorized.over.qps with.
 //
-// Pointing it at the proxy: newer SDK builds read BaseUrl from app.config/web.config
-// (<appSettings><add key="BaseUrl" value="http://127.0.0.1:8080/v2/"/>). The base must end in
-// "/v2/" because the SDK builds paging URLs as BaseUrl + next.Replace("/v2/", ""). Here
-// `--base` plays that setting.
+// Pointing it at the proxy: newer SDK builds read the application setting BaseUrl of
+// CTCT.Settings.Endpoints, which app.config/web.config can override (<applicationSettings>,
+// see docs/clients.md) with "http://127.0.0.1:8080/v2/". The base must end in "/v2/" because
+// the SDK builds paging URLs as BaseUrl + next.Replace("/v2/", ""). Here `--base` plays that
+// setting.
 //
 // Like the SDK, it appends its api_key to a URL that may already carry one, so the proxy sees
 // `?api_key=stale&api_key=stale2` and must replace both. Errors become a CtctException whose
@@ -23,6 +24,7 @@ using System.Collections.Generic;
 using System.IO;
 using System.Linq;
 using System.Net;
+using System.Runtime.InteropServices;
 using System.Text;
 using System.Threading.Tasks;
 
@@ -128,15 +130,32 @@ static class Program
 
     static int Main(string[] args)
     {
+        int code;
         try
         {
-            return Run(args).GetAwaiter().GetResult();
+            code = Run(args).GetAwaiter().GetResult();
         }
         catch (Exception e)
         {
             Console.Error.WriteLine("V2Client failed: " + e);
-            return 1;
+            code = 1;
         }
+        return Exit(code);
+    }
+
+    [DllImport("libc", EntryPoint = "_exit")]
+    static extern void LibcExit(int status);
+
+    /// <summary>Flush and leave at once. After Main returns, Mono 6.8 sometimes sits in its
+    /// runtime cleanup for 15-60 s waiting on a parked thread-pool worker (Environment.Exit
+    /// too); on Mono/Unix skip that cleanup, since everything has been written.</summary>
+    static int Exit(int code)
+    {
+        Console.Out.Flush();
+        Console.Error.Flush();
+        if (Type.GetType("Mono.Runtime") != null && Environment.OSVersion.Platform == PlatformID.Unix)
+            LibcExit(code);
+        return code;
     }
 
     static async Task<int> Run(string[] args)
