@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import math
 import re
+import secrets
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict
 
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
@@ -49,7 +50,7 @@ from proxy.forward import (
     outbound_headers,
     stream_back,
 )
-from proxy.logs import get_logger
+from proxy.logs import get_logger, level_check
 from proxy.metrics import Metrics
 from proxy.oauth import open_token_source
 from proxy.quota import (
@@ -67,6 +68,8 @@ from proxy.shared import RedisBackend, RedisTokenStore
 from proxy.upstream_errors import Generation, QuotaKind, cc_error_body, classify, error_key_for
 
 log = get_logger("proxy")
+# The stdlib's cached level test: the request_finished line is built only when it is written.
+_log_enabled = level_check("proxy")
 
 _SECRET_PARAMS = ("api_key", "access_token", "refresh_token", "client_secret", "code")
 _JSON = "application/json"
@@ -97,7 +100,7 @@ class RequestRecord:
     request_id: str
     started: float
     method: str
-    path: str
+    target: str  # as sent: made loggable (secrets out) only when the line is written
     generation: Generation = "v2"
     key: str | None = None
     queue: KeyQueue | None = None
@@ -249,13 +252,13 @@ async def edge_middleware(
     """Turn the proxy's errors into CC-shaped answers; log and count every request once."""
     request_id = request.headers.get("X-Request-Id", "")[:128]
     if not request_id or not request_id.isprintable():
-        request_id = uuid.uuid4().hex
+        request_id = secrets.token_hex(16)
     raw = request.raw_path
     record = RequestRecord(
         request_id=request_id,
         started=time.monotonic(),
         method=request.method,
-        path=_loggable_target(raw),
+        target=raw,
         generation="v3" if raw.startswith("/v3/") else "v2",
         # /healthz, /readyz, /metrics, /status: answered here, never API traffic.
         outcome="forwarded" if raw.startswith(("/v2/", "/v3/")) else "local",
@@ -301,16 +304,19 @@ def _finish(
     duration = time.monotonic() - record.started
     if state is not None:
         metrics = state.metrics
-        metrics.requests.labels(record.outcome, str(status)).inc()
+        metrics.count_request(record.outcome, status)
         if record.outcome == "throttled":
             metrics.throttled.labels("daily" if _is_daily(response) else "per_second").inc()
     # Probes and scrapes come every few seconds: at info they would drown the API traffic.
-    emit = log.debug if record.outcome == "local" else log.info
+    local = record.outcome == "local"
+    if not _log_enabled(logging.DEBUG if local else logging.INFO):
+        return
+    emit = log.debug if local else log.info
     emit(
         "request_finished",
         request_id=record.request_id,
         method=record.method,
-        path=record.path,
+        path=_loggable_target(record.target),
         key=record.key,
         queued_ms=round(record.queued * 1000, 1),
         upstream_status=record.upstream_status,
@@ -330,18 +336,21 @@ def _rate_headers(state: AppState, queue: KeyQueue) -> dict[str, str]:
     """Draft IETF RateLimit-Policy / RateLimit fields for the per-second and daily policies."""
     config = state.config
     wall = time.time()
-    reset = next_reset(wall)
-    per_second_left = max(0, math.floor(config.qps) - 1 - queue.queued)
+    per_second = math.floor(config.qps)
+    per_second_left = max(0, per_second - 1 - queue.queued)
     daily_left = max(0, config.daily_quota - queue.sent_today)
     return {
-        "RateLimit-Policy": (
-            f'"per-second";q={math.floor(config.qps)};w=1, "daily";q={config.daily_quota};w=86400'
-        ),
+        "RateLimit-Policy": _rate_policy(per_second, config.daily_quota),
         "RateLimit": (
             f'"per-second";r={per_second_left};t={math.ceil(queue.predicted_wait(0))}, '
-            f'"daily";r={daily_left};t={math.ceil(reset - wall)}'
+            f'"daily";r={daily_left};t={math.ceil(next_reset(wall) - wall)}'
         ),
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _rate_policy(per_second: int, daily_quota: int) -> str:
+    return f'"per-second";q={per_second};w=1, "daily";q={daily_quota};w=86400'
 
 
 # -- the request path ---------------------------------------------------------------------
@@ -432,7 +441,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
     token = await tokens.current()
     out = state.injector.outbound(target.generation, target.query, client_auth, token)
     record.key = fingerprint(out.quota_key)
-    body = await _read_body(request, state.config.max_body, state.config.body_timeout)
+    body = (
+        await _read_body(request, state.config.max_body, state.config.body_timeout)
+        if request.body_exists
+        else b""
+    )
 
     budget = float(state.config.max_wait)
     preferred = _wait_preference(headers_in.get("Prefer"))
@@ -495,11 +508,13 @@ async def forward(request: web.Request) -> web.StreamResponse:
             queue.sent_ok()
             if record.outcome == "forwarded" and record.replays:
                 record.outcome = "replayed"
-            extra = CIMultiDict(_rate_headers(state, queue))
-            extra["X-Request-Id"] = record.request_id
-            extra["Server-Timing"] = f"queue;dur={record.queued * 1000:.1f}"
+            extra = [
+                *_rate_headers(state, queue).items(),
+                ("X-Request-Id", record.request_id),
+                ("Server-Timing", f"queue;dur={record.queued * 1000:.1f}"),
+            ]
             if preferred is not None and preferred <= state.config.max_wait:
-                extra["Preference-Applied"] = f"wait={preferred}"
+                extra.append(("Preference-Applied", f"wait={preferred}"))
             try:
                 return await stream_back(request, upstream, extra, buffered)
             finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -62,6 +63,8 @@ _SECRET_PATTERN: list[re.Pattern[str]] = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-._~+/=]+"),
     re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]+"),
 ]
+# Every pattern needs an "=" or one of these words: text with neither skips the patterns.
+_SCHEME_WORD = re.compile(r"(?i)bearer|basic")
 # Shorter values are not scrubbed by value (they would blank out ordinary words); the
 # patterns above still catch them where they appear as credentials.
 _MIN_SCRUBBED = 4
@@ -75,6 +78,10 @@ def register_secret(value: str) -> None:
         _KNOWN_SECRETS = tuple(sorted({*_KNOWN_SECRETS, *forms}, key=len, reverse=True))
 
 
+def _keep_name(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
 def redact(text: str) -> str:
     """Remove every known secret and every credential-looking parameter from text.
 
@@ -83,8 +90,9 @@ def redact(text: str) -> str:
     for secret in _KNOWN_SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    for pattern in _SECRET_PATTERN:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    if "=" in text or _SCHEME_WORD.search(text):
+        for pattern in _SECRET_PATTERN:
+            text = pattern.sub(_keep_name, text)
     return text
 
 
@@ -98,6 +106,7 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(_wire(a), _wire(b))
 
 
+@functools.lru_cache(maxsize=1024)
 def fingerprint(key: str) -> str:
     """A short stable name for a key, safe to log, export and store."""
     if key in (NO_KEY, V3_SHARED_BUCKET):

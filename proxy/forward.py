@@ -7,7 +7,9 @@ Bytes are forwarded as they came: the raw path and query (never re-encoded), the
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -39,6 +41,8 @@ HOP_BY_HOP = frozenset(
 # Expect is answered here: the body is already read, so the upstream gets it at once).
 _REQUEST_OWN = frozenset({"host", "content-length", "authorization", "x-request-id", "expect"})
 _RESPONSE_OWN = frozenset({"content-length"})
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+_RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_OWN
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # What the proxy keeps of an upstream answer that might be a quota error, to classify it.
 QUOTA_BODY_LIMIT = 64 * 1024
@@ -47,6 +51,7 @@ CONNECT_RETRY_PAUSE = 0.2
 CONNECT_RETRIES = 2
 
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +78,20 @@ def check_target(raw_target: str) -> Target:
         generation = "v3"
     else:
         raise BadRequest("Only paths under /v2/ and /v3/ are forwarded.")
-    decoded = unquote(unquote(path))
-    if (
-        _DOT_SEGMENT.search(decoded)
-        or "\\" in decoded
-        or "%2f" in path.lower()
-        or "%5c" in path.lower()
-        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded)
-    ):
-        raise BadRequest("The request path is not allowed (dot segments or encoded separators).")
+    # Only a path with "%", ".", a backslash or an unprintable character can fail these.
+    if "%" in path or "." in path or "\\" in path or not path.isprintable():
+        decoded = unquote(unquote(path))
+        lowered = path.lower()
+        if (
+            _DOT_SEGMENT.search(decoded)
+            or "\\" in decoded
+            or "%2f" in lowered
+            or "%5c" in lowered
+            or _CONTROL.search(decoded)
+        ):
+            raise BadRequest(
+                "The request path is not allowed (dot segments or encoded separators)."
+            )
     return Target(generation, path, query)
 
 
@@ -93,10 +103,7 @@ def outbound_headers(
     scheme: str,
 ) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and proxy-owned ones, plus ours."""
-    drop = HOP_BY_HOP | _REQUEST_OWN
-    connection = incoming.get("Connection")
-    if connection:
-        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    drop = _dropped(_REQUEST_DROP, incoming.get("Connection"))
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -118,11 +125,22 @@ def outbound_headers(
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's headers minus hop-by-hop ones (and those its Connection names)."""
-    drop = HOP_BY_HOP | _RESPONSE_OWN
-    connection = upstream.get("Connection")
-    if connection:
-        drop = drop | {name.strip().lower() for name in connection.split(",")}
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+    headers: CIMultiDict[str] = CIMultiDict()
+    _copy_response_headers(upstream, headers)
+    return headers
+
+
+def _copy_response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
+    drop = _dropped(_RESPONSE_DROP, upstream.get("Connection"))
+    into.extend([(k, v) for k, v in upstream.items() if k.lower() not in drop])
+
+
+@functools.lru_cache(maxsize=64)
+def _dropped(always: frozenset[str], connection: str | None) -> frozenset[str]:
+    """The fields not to pass on: `always`, plus those a Connection header names."""
+    if not connection:
+        return always
+    return always | {name.strip().lower() for name in connection.split(",")}
 
 
 class Upstream:
@@ -198,13 +216,15 @@ class ConnectionLost(UpstreamUnreachable):
 async def stream_back(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
-    extra: CIMultiDict[str],
+    extra: Iterable[tuple[str, str]],
     buffered: bytes | None = None,
 ) -> web.StreamResponse:
     """Send the upstream's status, headers and body to the client as they come."""
-    headers = response_headers(upstream.headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    # Filled in place: handing headers to the constructor would copy them once more.
+    headers = response.headers
+    _copy_response_headers(upstream.headers, headers)
     headers.extend(extra)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     length = upstream.headers.get("Content-Length")
     if buffered is not None:
         response.content_length = len(buffered)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -33,11 +33,20 @@ def _scrub(value: Any) -> Any:
     return redact(str(value))
 
 
+# What the pipeline itself adds (level, logger name, time) cannot hold a secret.
+_OWN_KEYS = frozenset({"level", "logger", "timestamp"})
+
+
 def redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A structlog processor that removes secrets from every value of an event."""
     for key, value in event_dict.items():
         # `_record` and `_from_structlog` are the formatter's own, removed before rendering.
-        if not key.startswith("_"):
+        if key in _OWN_KEYS or key.startswith("_") or value is None:
+            continue
+        cls = type(value)
+        if cls is str:
+            event_dict[key] = redact(value)
+        elif cls is not int and cls is not float and cls is not bool:
             event_dict[key] = _scrub(value)
     return event_dict
 
@@ -77,11 +86,22 @@ def configure(log_format: str | None, level: str, stream: Any = None) -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    # Nothing rendered uses a record's call site, thread or process: the stdlib's documented
+    # switches skip looking them up (a stack walk and a getpid per line).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Our own request_finished event replaces aiohttp's access log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def level_check(name: str) -> Callable[[int], bool]:
+    """Whether a logger would write an event at a level (the stdlib's cached test)."""
+    return logging.getLogger(name).isEnabledFor
 
 
 def get_logger(name: str) -> Any:

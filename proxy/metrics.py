@@ -99,6 +99,17 @@ class Metrics:
             "ctct_proxy_throttled", "429 answers the proxy gave, by kind.", ["kind"], registry=r
         )
         r.register(_KeyCollector(status, mode))
+        # `.labels()` validates and locks on every call; the children are few, so keep them.
+        self._request_children: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, outcome: str, status: int) -> None:
+        """Count one answered request."""
+        child = self._request_children.get((outcome, status))
+        if child is None:
+            child = self._request_children[outcome, status] = self.requests.labels(
+                outcome, str(status)
+            )
+        child.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -58,11 +58,9 @@ class Clock(Protocol):
 class SystemClock:
     """The real clocks: `time.monotonic` for pacing, `time.time` for UTC days."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
+    # The functions themselves, not methods wrapping them: read several times per request.
+    monotonic = staticmethod(time.monotonic)
+    time = staticmethod(time.time)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -340,7 +338,7 @@ class KeyQueue:
         ticket.timer = clock.call_later(budget, lambda: self._expire(ticket))
         self._tickets.append(ticket)
         self.queued += 1
-        self._ensure_pump()
+        self._ensure_pump(loop)
         return ticket
 
     async def wait(self, ticket: Ticket) -> None:
@@ -441,9 +439,10 @@ class KeyQueue:
 
     # -- the pump --------------------------------------------------------------------------
 
-    def _ensure_pump(self) -> None:
+    def _ensure_pump(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.get_running_loop().create_task(self._run())
+            loop = loop or asyncio.get_running_loop()
+            self._pump = loop.create_task(self._run())
 
     def _head(self) -> Ticket | None:
         tickets = self._tickets
