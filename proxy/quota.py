@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import math
 import os
 import tempfile
 import time
@@ -40,6 +41,10 @@ DAY = 86_400.0
 BACKOFF = 1.5
 MAX_BACKOFF = 4.0
 EASE = 0.005
+# After CALM seconds without a rejection the neighbour has likely gone: ease EASE_CALM of the
+# excess per send instead, so the key is back near full speed within a few dozen sends.
+CALM = 60.0
+EASE_CALM = 0.05
 # A send this much later than its slot pushes the next slot back (the next send is spaced
 # from the actual one, so a late send never squeezes the next).
 LATE = 0.002
@@ -291,6 +296,10 @@ class KeyQueue:
         self.blocked_kind = QuotaKind.NONE
         self._pump: asyncio.Task[None] | None = None
         self._holding = 0  # 1 while the pump holds a reserved slot for the head
+        # Monotonic time before which nothing of this key may go (a gateway rejection's hold);
+        # it also delays a slot the pump had already reserved when the rejection came back.
+        self._not_before = 0.0
+        self._last_rejection = -math.inf
 
     # -- admission -------------------------------------------------------------------------
 
@@ -391,7 +400,9 @@ class KeyQueue:
         """An accepted send: ease the spacing back toward the configured one."""
         base = self._limits.spacing
         if self.spacing > base:
-            self.spacing = max(base, self.spacing - (self.spacing - base) * EASE)
+            calm = self._clock.monotonic() - self._last_rejection > CALM
+            ease = EASE_CALM if calm else EASE
+            self.spacing = max(base, self.spacing - (self.spacing - base) * ease)
 
     async def replay(self, ticket: Ticket, retry_after: float | None, error_key: str) -> None:
         """Put a ticket the gateway rejected for per-second quota back at the head.
@@ -402,6 +413,8 @@ class KeyQueue:
         self.spacing = min(self.spacing * BACKOFF, self._limits.spacing * MAX_BACKOFF)
         hold = max(retry_after or 0.0, self.spacing)
         now = self._clock.monotonic()
+        self._last_rejection = now
+        self._not_before = max(self._not_before, now + hold)
         self._next_free = max(self._next_free, now + hold)
         await self._backend.hold(self.fingerprint, hold)
         if now + hold > ticket.deadline:
@@ -465,6 +478,8 @@ class KeyQueue:
             try:
                 if reservation.delay > 0:
                     await clock.sleep(reservation.delay)
+                while (held := self._not_before - clock.monotonic()) > 0:
+                    await clock.sleep(held)
             except asyncio.CancelledError:
                 # Shutting down mid-wait: the slot was counted toward today but never used.
                 await backend.give_back(key, reservation, spacing)
@@ -483,8 +498,10 @@ class KeyQueue:
             ticket.granted_at = now
             ticket.future.set_result(None)
             if now - slot_at > LATE:
-                self._next_free = now + spacing
-                await backend.hold(key, spacing)
+                # Late (the loop was busy, or a rejection's hold came in): space the next send
+                # from this one, at the spacing in force now.
+                self._next_free = now + self.spacing
+                await backend.hold(key, self.spacing)
 
     def cancel_pump(self) -> None:
         if self._pump is not None:

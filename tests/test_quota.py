@@ -221,3 +221,33 @@ async def test_shutdown_answers_queued_503() -> None:
     for t in tickets[1:]:
         exc = t.future.exception()
         assert isinstance(exc, Unavailable) and exc.headers()["Retry-After"] == "25"
+
+
+async def test_a_rejection_holds_a_slot_the_pump_had_already_booked() -> None:
+    clock = FakeClock()
+    queue = engine(clock).queue_for("K")
+    a, b = queue.admit(30), queue.admit(30)
+    await clock.advance(0.001)
+    assert a.future.done() and not b.future.done()  # the pump now sleeps on b's slot
+    rejected_at = clock.now
+    await queue.replay(a, 1.0, "throttled")  # the gateway said: come back in 1 s
+    times = await granted_at(clock, [a, b], 2.0, step=0.001)
+    assert times[0] - rejected_at >= 1.0
+    assert times[1] - times[0] >= queue.spacing - 0.002
+
+
+async def test_spacing_eases_fast_once_the_rejections_stop() -> None:
+    clock = FakeClock()
+    queue = engine(clock).queue_for("K")
+    a = queue.admit(30)
+    await clock.advance(0.001)
+    await queue.replay(a, None, "throttled")
+    backed_off = queue.spacing
+    for _ in range(20):
+        queue.sent_ok()
+    recent = queue.spacing
+    assert recent > SPACING + (backed_off - SPACING) * 0.85  # slowly, near the rejection
+    await clock.advance(61.0)
+    for _ in range(20):
+        queue.sent_ok()
+    assert queue.spacing < SPACING + (backed_off - SPACING) * 0.4  # calm: back quickly
