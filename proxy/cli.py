@@ -66,12 +66,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"ctct-proxy: error: {error}", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure(config.log_format, config.log_level)
-        from proxy.app import serve
+        from proxy.server import serve
 
         _run(serve(config))
         return 0
     if args.command == "simulate":
-        from proxy.app import run_until_stopped
+        from proxy.server import run_until_stopped
         from proxy.simulator import make_simulator_app, simulator_config_from_args
 
         try:

@@ -87,6 +87,14 @@ class BodyTooLarge(ProxyError):
     v3_key = "request_too_large"
 
 
+class BodyTimeout(ProxyError):
+    """The client sent its request body too slowly (408)."""
+
+    status = 408
+    v2_key = "http.status.request_timeout"
+    v3_key = "request_timeout"
+
+
 class ClientUnauthorized(ProxyError):
     """The client presented no valid client token."""
 

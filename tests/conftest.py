@@ -16,9 +16,10 @@ from aiohttp.web_runner import BaseRunner
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.app import ProxyRunner, make_app, runner_options
+from proxy.app import make_app
 from proxy.config import Config
 from proxy.quota import QuotaBackend
+from proxy.server import ProxyRunner, runner_options
 from tests.redis_server import RedisServer
 
 

@@ -25,18 +25,17 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import logs
-from proxy.app import (
-    BODY_RATE_FLOOR,
+from proxy.app import BODY_RATE_FLOOR, make_app
+from proxy.cli import build_parser, main
+from proxy.config import Config, ConfigError
+from proxy.credentials import Injector, Secret, query_param_values, redact
+from proxy.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,
     MAX_REQUEST_TARGET,
-    make_app,
     runner_options,
 )
-from proxy.cli import build_parser, main
-from proxy.config import Config, ConfigError
-from proxy.credentials import Injector, Secret, query_param_values, redact
 from tests.conftest import (
     Recorder,
     ServerFactory,

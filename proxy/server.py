@@ -1,0 +1,171 @@
+"""Running the proxy: the aiohttp server settings, the edge of the HTTP parser, signals.
+
+What happens before a request reaches the app (limits on the request line and headers,
+answers to requests aiohttp cannot parse, in Constant Contact's shape and without quoting
+the request back) and the process lifecycle (SIGTERM / SIGINT, graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxy.app import make_app
+from proxy.config import Config
+from proxy.credentials import redact
+from proxy.logs import get_logger
+from proxy.upstream_errors import cc_error_body
+
+log = get_logger("proxy")
+_JSON = "application/json"
+
+
+# What a client may send before any handler runs, enforced by aiohttp's parser. The request
+# target gets more room than one header field (long v2/v3 queries are legitimate) and the
+# two differ so that an oversized one can be told apart from the other (414 vs 431).
+MAX_REQUEST_TARGET = 16 * 1024
+MAX_HEADER_FIELD = 8190
+MAX_HEADERS = 100
+# aiohttp has no header-read timeout: its keep-alive timer, started when a connection opens
+# and after each answer, also drops a client still trickling its request line and headers.
+KEEPALIVE_TIMEOUT = 75.0
+
+
+def runner_options() -> dict[str, Any]:
+    """The aiohttp server settings every server here runs with (tests' servers included)."""
+    return {
+        "handler_cancellation": True,  # a client that leaves gives up its place in the queue
+        "auto_decompress": False,  # request bodies are forwarded as sent
+        "access_log": None,  # request_finished replaces it
+        "max_line_size": MAX_REQUEST_TARGET,
+        "max_field_size": MAX_HEADER_FIELD,
+        "max_headers": MAX_HEADERS,
+        "keepalive_timeout": KEEPALIVE_TIMEOUT,
+    }
+
+
+def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
+    """A request aiohttp could not parse (or a fault outside the middleware), in CC's shape.
+
+    aiohttp's own text quotes the offending bytes (query strings with `api_key` included),
+    so none of it is sent back; the generation is unknown here, and an array of
+    {error_key, error_message} is what v2 sends for every error and v3 for its own.
+    """
+    if isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
+        status, key = 431, "http.status.request_header_fields_too_large"
+        text = f"A request header is longer than {MAX_HEADER_FIELD} bytes."
+    elif isinstance(exc, LineTooLong):
+        status, key = 414, "http.status.request_uri_too_long"
+        text = f"The request target is longer than {MAX_REQUEST_TARGET} bytes."
+    elif isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower():
+        status, key = 431, "http.status.request_header_fields_too_large"
+        text = f"The request has more than {MAX_HEADERS} headers."
+    elif status < 500:
+        key = "http.status.bad_request"
+        # Only aiohttp's words, cut before it quotes the request's bytes back.
+        quoted = _QUOTED.split(getattr(exc, "message", "") or "", maxsplit=1)[0]
+        reason = " ".join(line.strip() for line in quoted.splitlines()).strip(" :.")
+        text = redact(f"The request is not valid HTTP/1.1 ({reason[:120] or 'malformed'}).")
+    else:
+        key = "http.status.internal_server_error"
+        text = "The proxy failed to handle this request."
+    response = web.Response(status=status, body=cc_error_body("v2", key, text), content_type=_JSON)
+    response.force_close()
+    return response
+
+
+# Where aiohttp's parser messages start quoting the request's own bytes (a quoted header
+# name such as 'Host' is kept: it says what was wrong and cannot carry a secret).
+_QUOTED = re.compile(r"(?:^|\s)(?:b['\"]|bytearray\(|['\"](?![A-Za-z0-9-]{1,40}['\"]))")
+
+
+class _EdgeProtocol(RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the middleware in CC's shape."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            # aiohttp logs the traceback (scrubbed by the log pipeline) and checks that no
+            # answer has started; only its plain-text body is replaced.
+            super().handle_error(request, status, exc, message)
+        elif request.writer.output_size > 0:
+            raise ConnectionError("an answer is already under way")
+        else:
+            log.info("request_malformed", status=status, error=redact(repr(exc)))
+        return _malformed_answer(status, exc)
+
+
+class _EdgeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EdgeProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer unparseable requests in CC's shape."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same server, same settings; only the per-connection protocol class differs.
+        server.__class__ = _EdgeServer
+        return server
+
+
+async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
+    """Run the proxy until SIGTERM or SIGINT, then shut down gracefully."""
+
+    def listening(host: str, port: int) -> None:
+        log.info("listening", host=host, port=port, config=config.redacted())
+        if ready is not None:
+            ready(host, port)
+
+    await run_until_stopped(
+        make_app(config), config.host, config.port, config.shutdown_grace, listening
+    )
+
+
+async def run_until_stopped(
+    app: web.Application,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    ready: Callable[[str, int], None],
+) -> None:
+    """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
+    runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout, **runner_options())
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    ready(host, _bound_port(runner) or port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return None
