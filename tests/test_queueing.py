@@ -41,12 +41,15 @@ async def test_a_burst_against_the_rolling_window_sees_no_quota_error(
         make_simulator_app(SimulatorConfig(api_key="KEY", qps=4, jitter_in=0.02, seed=7))
     )
     sim_url = sim.make_url("")
-    _, proxy = await start_proxy(proxy_config(tmp_path, sim_url, qps=4.0, api_key=Secret("KEY")))
+    # In-process simulator: the shared event loop adds to the 20 ms jitter, hence the margin.
+    _, proxy = await start_proxy(
+        proxy_config(tmp_path, sim_url, qps=4.0, api_key=Secret("KEY"), pacing_margin=0.06)
+    )
     answers = await asyncio.gather(*(http.get(proxy / "v2/contacts") for _ in range(14)))
     assert [a.status for a in answers] == [200] * 14
     stats = await sim_stats(http, sim_url)
     assert stats["totals"]["rejected"]["per_second"] == 0
-    assert stats["totals"]["max_arrivals_1s"] == 4
+    assert stats["totals"]["max_arrivals_1s"] <= 4
     assert stats["totals"]["accepted"] == 14
 
 
