@@ -36,8 +36,8 @@ INSTALL_HINT = "apt-get install -y php-cli php-curl mono-mcs libmono-system-net-
 
 # Program name -> (sources under examples/csharp, assemblies to reference).
 _CS_PROGRAMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "V2Client": (("V2Client.cs", "MiniJson.cs"), ()),
-    "V3Client": (("V3Client.cs", "MiniJson.cs"), ("System.Net.Http.dll",)),
+    "V2Client": (("V2Client.cs", "MiniJson.cs", "ClientProcess.cs"), ()),
+    "V3Client": (("V3Client.cs", "MiniJson.cs", "ClientProcess.cs"), ("System.Net.Http.dll",)),
 }
 # Clients must reach 127.0.0.1 directly: libcurl and Mono both honour these.
 _PROXY_VARIABLES = frozenset(

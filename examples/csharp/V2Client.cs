@@ -16,7 +16,7 @@
 // response headers, so its callers only learn a wait from error_message. A non-array error
 // body is a crash (exit 1), as it is for the SDK.
 //
-// Build: mcs -out:examples/csharp/V2Client.exe examples/csharp/V2Client.cs examples/csharp/MiniJson.cs
+// Build: mcs -out:examples/csharp/V2Client.exe examples/csharp/V2Client.cs examples/csharp/MiniJson.cs examples/csharp/ClientProcess.cs
 // Run:   mono examples/csharp/V2Client.exe --base http://127.0.0.1:8080 --count 20 [--max-retries 0]
 // stdout: one JSON object per request; stderr: diagnostics.
 using System;
@@ -24,7 +24,6 @@ using System.Collections.Generic;
 using System.IO;
 using System.Linq;
 using System.Net;
-using System.Runtime.InteropServices;
 using System.Text;
 using System.Threading.Tasks;
 
@@ -130,32 +129,7 @@ static class Program
 
     static int Main(string[] args)
     {
-        int code;
-        try
-        {
-            code = Run(args).GetAwaiter().GetResult();
-        }
-        catch (Exception e)
-        {
-            Console.Error.WriteLine("V2Client failed: " + e);
-            code = 1;
-        }
-        return Exit(code);
-    }
-
-    [DllImport("libc", EntryPoint = "_exit")]
-    static extern void LibcExit(int status);
-
-    /// <summary>Flush and leave at once. After Main returns, Mono 6.8 sometimes sits in its
-    /// runtime cleanup for 15-60 s waiting on a parked thread-pool worker (Environment.Exit
-    /// too); on Mono/Unix skip that cleanup, since everything has been written.</summary>
-    static int Exit(int code)
-    {
-        Console.Out.Flush();
-        Console.Error.Flush();
-        if (Type.GetType("Mono.Runtime") != null && Environment.OSVersion.Platform == PlatformID.Unix)
-            LibcExit(code);
-        return code;
+        return ClientProcess.Main("V2Client", args, Run);
     }
 
     static async Task<int> Run(string[] args)

@@ -11,7 +11,7 @@
 // is a crash (exit 1).
 //
 // Build: mcs -out:examples/csharp/V3Client.exe -r:System.Net.Http.dll \
-//            examples/csharp/V3Client.cs examples/csharp/MiniJson.cs
+//            examples/csharp/V3Client.cs examples/csharp/MiniJson.cs examples/csharp/ClientProcess.cs
 // Run:   mono examples/csharp/V3Client.exe --base http://127.0.0.1:8080 --count 20 --max-retries 3
 //            [--max-sleep 30]
 // stdout: one JSON object per request; stderr: diagnostics.
@@ -21,7 +21,6 @@ using System.Linq;
 using System.Net;
 using System.Net.Http;
 using System.Net.Http.Headers;
-using System.Runtime.InteropServices;
 using System.Text;
 using System.Threading.Tasks;
 
@@ -32,32 +31,7 @@ static class Program
 
     static int Main(string[] args)
     {
-        int code;
-        try
-        {
-            code = Run(args).GetAwaiter().GetResult();
-        }
-        catch (Exception e)
-        {
-            Console.Error.WriteLine("V3Client failed: " + e);
-            code = 1;
-        }
-        return Exit(code);
-    }
-
-    [DllImport("libc", EntryPoint = "_exit")]
-    static extern void LibcExit(int status);
-
-    /// <summary>Flush and leave at once. After Main returns, Mono 6.8 sometimes sits in its
-    /// runtime cleanup for 15-60 s waiting on a parked thread-pool worker (Environment.Exit
-    /// too); on Mono/Unix skip that cleanup, since everything has been written.</summary>
-    static int Exit(int code)
-    {
-        Console.Out.Flush();
-        Console.Error.Flush();
-        if (Type.GetType("Mono.Runtime") != null && Environment.OSVersion.Platform == PlatformID.Unix)
-            LibcExit(code);
-        return code;
+        return ClientProcess.Main("V3Client", args, Run);
     }
 
     static async Task<int> Run(string[] args)
