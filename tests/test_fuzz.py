@@ -372,6 +372,9 @@ def check_upstream_request(stack: Stack, seen: Any) -> None:
     assert OTHER_CLIENT_TOKEN not in everything
 
 
+# Each example is normally a few milliseconds; a malformed one can wait out the 1 s keep-alive
+# timer. The generous limit only matters on a machine busy with something else.
+@pytest.mark.timeout(300)
 @settings(
     max_examples=300,
     deadline=None,
