@@ -49,6 +49,8 @@ EASE_CALM = 0.05
 # from the actual one, so a late send never squeezes the next).
 LATE = 0.002
 FLUSH_INTERVAL = 0.5
+# Past this many keys' queues, idle ones are forgotten when a new key arrives.
+MAX_QUEUES = 10_000
 
 
 class Clock(Protocol):
@@ -503,6 +505,14 @@ class KeyQueue:
                 self._next_free = now + self.spacing
                 await backend.hold(key, self.spacing)
 
+    def idle(self, wall: float) -> bool:
+        """Nothing queued, nothing being paced, no pause in force."""
+        return (
+            self.queued == 0
+            and (self._pump is None or self._pump.done())
+            and (self.blocked_until is None or self.blocked_until <= wall)
+        )
+
     def cancel_pump(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
@@ -535,8 +545,19 @@ class QuotaEngine:
         """The queue of an upstream API key (created on first use)."""
         queue = self.queues.get(key)
         if queue is None:
+            if len(self.queues) >= MAX_QUEUES:
+                self._forget_idle()
             queue = self.queues[key] = KeyQueue(key, self)
         return queue
+
+    def _forget_idle(self) -> None:
+        # Without client tokens, any api_key a client sends names a queue: keep only the busy
+        # ones once there are many. The day's count stays in the backend and is read back
+        # (`load`) if the key returns; only an idle key's backed-off spacing is forgotten.
+        wall = self.clock.time()
+        for key, queue in list(self.queues.items()):
+            if queue.idle(wall):
+                del self.queues[key]
 
     async def load(self, key: str) -> KeyQueue:
         """The queue of a key, with its day's count read from the backend."""

@@ -251,3 +251,23 @@ async def test_spacing_eases_fast_once_the_rejections_stop() -> None:
     for _ in range(20):
         queue.sent_ok()
     assert queue.spacing < SPACING + (backed_off - SPACING) * 0.4  # calm: back quickly
+
+
+async def test_idle_queues_are_forgotten_when_keys_pile_up_but_counts_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("proxy.quota.MAX_QUEUES", 3)
+    clock = FakeClock()
+    eng = engine(clock)
+    busy = eng.queue_for("busy")
+    busy.admit(30)
+    busy.admit(30)
+    for name in ("a", "b"):
+        ticket = eng.queue_for(name).admit(30)
+        await clock.advance(0.001)
+        assert ticket.future.done()
+    await clock.advance(0.01)
+    eng.queue_for("c")  # a fourth key: the idle a and b go, the busy one stays
+    assert set(eng.queues) == {"busy", "c"}
+    again = await eng.load("a")
+    assert again.sent_today == 1  # read back from the backend
