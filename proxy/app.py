@@ -103,6 +103,7 @@ class RequestRecord:
     upstream_status: int | None = None
     outcome: str = "forwarded"
     replays: int = 0
+    throttle_kind: QuotaKind | None = None  # set when the proxy answered 429
 
 
 CONFIG = web.AppKey("config", Config)
@@ -264,6 +265,8 @@ async def edge_middleware(
         response = await handler(request)
     except ProxyError as error:
         record.outcome = error.outcome
+        if isinstance(error, Throttled):
+            record.throttle_kind = error.kind
         response = _error_response(error, record.generation)
     except web.HTTPNotFound:
         record.outcome = "refused"
@@ -301,7 +304,8 @@ def _finish(
         metrics = state.metrics
         metrics.count_request(record.outcome, status)
         if record.outcome == "throttled":
-            metrics.throttled.labels("daily" if _is_daily(response) else "per_second").inc()
+            daily = record.throttle_kind is QuotaKind.DAILY
+            metrics.throttled.labels("daily" if daily else "per_second").inc()
     # Probes and scrapes come every few seconds: at info they would drown the API traffic.
     local = record.outcome == "local"
     if not _log_enabled(logging.DEBUG if local else logging.INFO):
@@ -320,11 +324,6 @@ def _finish(
         replays=record.replays,
         duration_ms=round(duration * 1000, 1),
     )
-
-
-def _is_daily(response: web.StreamResponse | None) -> bool:
-    body = getattr(response, "body", None)
-    return isinstance(body, bytes) and (b"ratelimit" in body or b"quota_exceeded" in body)
 
 
 def _rate_headers(state: AppState, queue: KeyQueue) -> dict[str, str]:
