@@ -383,6 +383,12 @@ def main() -> None:
         "--compare", type=Path, metavar="DIR", help="also measure the proxy of another checkout"
     )
     parser.add_argument(
+        "--compare-level",
+        default="warning",
+        choices=["warning", "info"],
+        help="log level of the compared proxy",
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="only py-spy the proxy under load; stacks to FILE"
     )
     args = parser.parse_args()
@@ -406,7 +412,7 @@ def main() -> None:
             if not args.no_info:
                 servers.append(("proxy (info)", "info", ROOT))
             if args.compare is not None:
-                servers.append(("proxy (compared)", "warning", args.compare.resolve()))
+                servers.append(("proxy (compared)", args.compare_level, args.compare.resolve()))
             for name, level, tree in servers:
                 port = free_port()
                 proc = start_proxy(port, upstream, tmp / f"state-{len(procs)}", level, tree)

@@ -5,6 +5,7 @@ JSON when stdout is not a terminal (containers, files), console rendering on a T
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable, MutableMapping
@@ -51,12 +52,70 @@ def redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutab
     return event_dict
 
 
-def configure(log_format: str | None, level: str, stream: Any = None) -> None:
-    """Set up structlog and the stdlib root logger once per process."""
-    stream = stream if stream is not None else sys.stdout
-    if log_format is None:
-        log_format = "console" if stream.isatty() else "json"
-    shared: list[Any] = [
+def _json_renderer() -> structlog.processors.JSONRenderer:
+    # One encoder for every line (json.dumps with arguments builds one per call).
+    # `redact_event` already renders non-JSON values as scrubbed text; `default` is for the
+    # keys it leaves alone.
+    encode = json.JSONEncoder(default=lambda value: redact(str(value))).encode
+    return structlog.processors.JSONRenderer(serializer=lambda obj, **_: encode(obj))
+
+
+class _Sink:
+    """Where every line goes: the stream, level and rendering `configure` last chose.
+
+    Loggers are cached on first use (structlog builds each once); they all write through
+    this one object, so configuring again (tests do, with their own streams) reaches them.
+    """
+
+    def __init__(self) -> None:
+        self.stream: Any = None  # not configured yet: whatever sys.stdout is at the time
+        self.level = logging.INFO
+        self.render: Callable[..., Any] = _json_renderer()
+
+    def write(self, line: str) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+
+_SINK = _Sink()
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+class _Line:
+    """What a structlog logger wraps: its name, and a way to write the rendered line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def msg(self, line: str) -> None:
+        _SINK.write(line)
+
+    debug = info = warning = warn = error = exception = critical = fatal = msg
+
+
+def _at_level(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    if _LEVELS.get(method, logging.INFO) < _SINK.level:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def _render(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    return _SINK.render(logger, method, event_dict)
+
+
+def _shared_processors() -> list[Any]:
+    return [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -64,25 +123,34 @@ def configure(log_format: str | None, level: str, stream: Any = None) -> None:
         structlog.processors.format_exc_info,
         redact_event,
     ]
+
+
+def configure(log_format: str | None, level: str, stream: Any = None) -> None:
+    """Set up our events' pipeline and the stdlib root logger's (for aiohttp's and others').
+
+    Our own events go straight from structlog to the stream: the stdlib's records, handler
+    lock and formatter would cost more than the line itself. Other libraries' stdlib logs are
+    rendered by the same processors into the same stream.
+    """
+    stream = stream if stream is not None else sys.stdout
+    if log_format is None:
+        log_format = "console" if stream.isatty() else "json"
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        _json_renderer()
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    _SINK.stream, _SINK.level, _SINK.render = stream, logging.getLevelName(level.upper()), renderer
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[_at_level, *_shared_processors(), _render],
+        logger_factory=_Line,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=_shared_processors(),
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -100,10 +168,11 @@ def configure(log_format: str | None, level: str, stream: Any = None) -> None:
 
 
 def level_check(name: str) -> Callable[[int], bool]:
-    """Whether a logger would write an event at a level (the stdlib's cached test)."""
-    return logging.getLogger(name).isEnabledFor
+    """Whether our loggers would write an event at a level (one comparison, no lookup)."""
+    del name  # one level for all of the proxy's own loggers
+    return lambda level: level >= _SINK.level
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger named after its module."""
-    return structlog.stdlib.get_logger(name)
+    return structlog.get_logger(name)

@@ -317,6 +317,35 @@ def test_stdlib_records_are_rendered_and_scrubbed_by_the_same_pipeline(
     assert_no_secret(captured_logs.text)
 
 
+def test_configuring_again_reaches_loggers_already_in_use() -> None:
+    # Our events skip the stdlib; loggers are cached on first use. A second configure (a new
+    # stream, a new level) must still reach them, and foreign stdlib logs must share the stream.
+    root = logging.getLogger()
+    saved = root.level
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        logs.configure("json", "info", stream=first)
+        log = logs.get_logger("proxy.reconfigured")
+        log.info("one", token_hint="api_key=" + API_KEY)
+        logs.configure("json", "warning", stream=second)
+        log.info("below the new level")
+        log.warning("two")
+        logging.getLogger("aiohttp.server").warning("three %s", "api_key=" + API_KEY)
+    finally:
+        root.removeHandler(root.handlers[0])
+        root.setLevel(saved)
+        structlog.reset_defaults()
+    one = [json.loads(line) for line in first.getvalue().splitlines()]
+    two = [json.loads(line) for line in second.getvalue().splitlines()]
+    assert [e["event"] for e in one] == ["one"]
+    assert one[0]["logger"] == "proxy.reconfigured" and one[0]["level"] == "info"
+    assert [(e["event"], e["logger"]) for e in two] == [
+        ("two", "proxy.reconfigured"),
+        ("three api_key=***", "aiohttp.server"),
+    ]
+    assert API_KEY not in first.getvalue() + second.getvalue()
+
+
 def test_console_rendering_is_chosen_for_a_terminal() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
