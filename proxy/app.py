@@ -106,15 +106,77 @@ class RequestRecord:
     throttle_kind: QuotaKind | None = None  # set when the proxy answered 429
 
 
+class RequestLedger:
+    """Counts and logs finished requests a batch at a time, once per pass of the event loop.
+
+    Under load one pass of the loop finishes many requests; writing their metrics and
+    request_finished lines together, rather than one at a time between the sockets' work,
+    keeps that code and its data hot: measured in the running proxy, the line costs about
+    40 us less per request (docs/performance.md). A line is written at most one pass after
+    its request finished, before the loop polls for more I/O.
+    """
+
+    def __init__(self) -> None:
+        self.metrics: Metrics | None = None  # set when the app's resources exist
+        self._pending: list[tuple[RequestRecord, int, float]] = []
+
+    def add(self, record: RequestRecord, status: int, duration: float) -> None:
+        """Book a finished request; the batch is written by the loop's next pass."""
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: nothing to batch with
+                self._pending.append((record, status, duration))
+                self.flush()
+                return
+        self._pending.append((record, status, duration))
+
+    def flush(self) -> None:
+        """Count and log every booked request now."""
+        batch, self._pending = self._pending, []
+        metrics = self.metrics
+        info, debug = _log_enabled(logging.INFO), _log_enabled(logging.DEBUG)
+        for record, status, duration in batch:
+            if metrics is not None:
+                metrics.count_request(record.outcome, status)
+                if record.outcome == "throttled":
+                    daily = record.throttle_kind is QuotaKind.DAILY
+                    metrics.throttled.labels("daily" if daily else "per_second").inc()
+            # Probes and scrapes come every few seconds: at info they would drown the API
+            # traffic.
+            local = record.outcome == "local"
+            if local and debug:
+                log.debug("request_finished", **_line(record, status, duration))
+            elif not local and info:
+                log.info("request_finished", **_line(record, status, duration))
+
+
+def _line(record: RequestRecord, status: int, duration: float) -> dict[str, object]:
+    return {
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": _loggable_target(record.target),
+        "key": record.key,
+        "queued_ms": round(record.queued * 1000, 1),
+        "upstream_status": record.upstream_status,
+        "status": status,
+        "outcome": record.outcome,
+        "replays": record.replays,
+        "duration_ms": round(duration * 1000, 1),
+    }
+
+
 CONFIG = web.AppKey("config", Config)
 STATE = web.AppKey("state", AppState)
 RECORD = web.RequestKey("record", RequestRecord)
+LEDGER = web.AppKey("ledger", RequestLedger)
 
 
 def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Application:
     """Build the proxy application for a configuration (resources start with the app)."""
     app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body)
     app[CONFIG] = config
+    app[LEDGER] = RequestLedger()
     app.cleanup_ctx.append(_resources(backend))
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/healthz", healthz)
@@ -180,12 +242,14 @@ def _resources(
         if shared is not None:
             state.ready_checks.append(shared.ready_problem)
         app[STATE] = state
+        app[LEDGER].metrics = state.metrics
         flusher = None
         if local is not None:
             flusher = asyncio.get_running_loop().create_task(_flush_forever(local))
         try:
             yield
         finally:
+            app[LEDGER].flush()
             if flusher is not None:
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -286,44 +350,13 @@ async def edge_middleware(
             ProxyError("The proxy failed to handle this request."), record.generation
         )
     finally:
-        _finish(request, record, response)
+        status = response.status if response is not None else 499
+        request.app[LEDGER].add(record, status, time.monotonic() - record.started)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
         if record.queue is not None and response.status == 429:
             response.headers.update(_rate_headers(request.app[STATE], record.queue))
     return response
-
-
-def _finish(
-    request: web.Request, record: RequestRecord, response: web.StreamResponse | None
-) -> None:
-    state = request.app.get(STATE)
-    status = response.status if response is not None else 499
-    duration = time.monotonic() - record.started
-    if state is not None:
-        metrics = state.metrics
-        metrics.count_request(record.outcome, status)
-        if record.outcome == "throttled":
-            daily = record.throttle_kind is QuotaKind.DAILY
-            metrics.throttled.labels("daily" if daily else "per_second").inc()
-    # Probes and scrapes come every few seconds: at info they would drown the API traffic.
-    local = record.outcome == "local"
-    if not _log_enabled(logging.DEBUG if local else logging.INFO):
-        return
-    emit = log.debug if local else log.info
-    emit(
-        "request_finished",
-        request_id=record.request_id,
-        method=record.method,
-        path=_loggable_target(record.target),
-        key=record.key,
-        queued_ms=round(record.queued * 1000, 1),
-        upstream_status=record.upstream_status,
-        status=status,
-        outcome=record.outcome,
-        replays=record.replays,
-        duration_ms=round(duration * 1000, 1),
-    )
 
 
 def _rate_headers(state: AppState, queue: KeyQueue) -> dict[str, str]:

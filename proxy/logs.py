@@ -5,6 +5,7 @@ JSON when stdout is not a terminal (containers, files), console rendering on a T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -71,11 +72,20 @@ class _Sink:
         self.stream: Any = None  # not configured yet: whatever sys.stdout is at the time
         self.level = logging.INFO
         self.render: Callable[..., Any] = _json_renderer()
+        self.broken = False
 
     def write(self, line: str) -> None:
         stream = self.stream or sys.stdout
-        stream.write(line + "\n")
-        stream.flush()
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError) as exc:
+            # A closed or broken log stream must not fail requests (the stdlib's handlers
+            # swallow it too); say so once where it may still be seen.
+            if not self.broken:
+                self.broken = True
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(f"ctct-proxy: log stream failed: {type(exc).__name__}\n")
 
 
 _SINK = _Sink()
@@ -141,6 +151,7 @@ def configure(log_format: str | None, level: str, stream: Any = None) -> None:
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     _SINK.stream, _SINK.level, _SINK.render = stream, logging.getLevelName(level.upper()), renderer
+    _SINK.broken = False
     structlog.configure(
         processors=[_at_level, *_shared_processors(), _render],
         logger_factory=_Line,

@@ -346,6 +346,27 @@ def test_configuring_again_reaches_loggers_already_in_use() -> None:
     assert API_KEY not in first.getvalue() + second.getvalue()
 
 
+def test_a_broken_log_stream_does_not_fail_logging_calls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    root = logging.getLogger()
+    saved = root.level
+    try:
+        logs.configure("json", "info", stream=Closed())
+        logs.get_logger("proxy").info("into a closed pipe")
+        logs.get_logger("proxy").info("and again")
+    finally:
+        root.removeHandler(root.handlers[0])
+        root.setLevel(saved)
+        structlog.reset_defaults()
+    # Said once on stderr, and neither call raised.
+    assert capsys.readouterr().err.count("log stream failed: BrokenPipeError") == 1
+
+
 def test_console_rendering_is_chosen_for_a_terminal() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
