@@ -104,6 +104,10 @@ class RequestRecord:
     outcome: str = "forwarded"
     replays: int = 0
     throttle_kind: QuotaKind | None = None  # set when the proxy answered 429
+    # Per send: the wait so far when it left the queue, and the upstream's time to headers
+    # (observed into the histograms with the rest of the request's bookkeeping).
+    waits: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
 
 
 class RequestLedger:
@@ -139,6 +143,10 @@ class RequestLedger:
         for record, status, duration in batch:
             if metrics is not None:
                 metrics.count_request(record.outcome, status)
+                for wait in record.waits:
+                    metrics.queue_wait.observe(wait)
+                for latency in record.latencies:
+                    metrics.upstream_latency.observe(latency)
                 if record.outcome == "throttled":
                     daily = record.throttle_kind is QuotaKind.DAILY
                     metrics.throttled.labels("daily" if daily else "per_second").inc()
@@ -483,7 +491,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             await queue.wait(ticket)
             sent = time.monotonic()
             record.queued = sent - ticket.enqueued
-            state.metrics.queue_wait.observe(record.queued)
+            record.waits.append(record.queued)
             try:
                 upstream = await state.upstream.send(request.method, url, headers, body)
             except ConnectionLost as lost:
@@ -497,7 +505,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
                     )
                     continue
                 raise
-            state.metrics.upstream_latency.observe(time.monotonic() - sent)
+            record.latencies.append(time.monotonic() - sent)
             record.upstream_status = upstream.status
             if upstream.status == 401 and target.generation == "v3" and token and not renewed:
                 # Our token expired or was revoked early: renew it, send once more (queued anew).
