@@ -102,6 +102,10 @@ class ClientUnauthorized(ProxyError):
     v2_key = "http.status.authentication.invalid_token"
     v3_key = "unauthorized"
 
+    def headers(self) -> dict[str, str]:
+        """A 401 names the scheme that would be accepted (RFC 9110 §11.6.1)."""
+        return {"WWW-Authenticate": 'Bearer realm="ctct-proxy"'}
+
 
 class Throttled(ProxyError):
     """The key's quota cannot serve this request within its deadline (429)."""

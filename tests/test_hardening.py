@@ -200,6 +200,7 @@ async def test_missing_or_wrong_client_token_is_401_in_cc_shape(
     status, answer_headers, body = parse(await raw_exchange(server.port, data))
     assert status == 401
     assert answer_headers["content-type"].startswith("application/json")
+    assert answer_headers["www-authenticate"] == 'Bearer realm="ctct-proxy"'
     payload = json.loads(body)
     if target.startswith("/v2/"):
         assert payload == [
