@@ -226,6 +226,12 @@ class LocalBackend:
         if self._state_file is None or not self._dirty:
             return
         self._dirty = False
+        # Keys last seen on an earlier day, with no pause in force, hold nothing worth keeping
+        # (their count restarts at 0): forget them, in memory and on disk.
+        wall = self._clock.time()
+        today = utc_day(wall)
+        for key in [k for k, s in self._keys.items() if s.day != today and s.paused_until <= wall]:
+            del self._keys[key]
         payload = {
             "keys": {
                 key: {"day": s.day, "sent": s.sent, "paused_until": s.paused_until}

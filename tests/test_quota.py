@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,23 @@ async def test_daily_count_survives_a_restart(tmp_path: Path) -> None:
     queue2 = await reborn.load("K")
     assert queue2.sent_today == 7
     assert queue2.status()["remaining_today"] == 93
+
+
+async def test_keys_of_an_earlier_day_are_forgotten_unless_paused(tmp_path: Path) -> None:
+    # Without client tokens any api_key names a key: yesterday's must not pile up for ever.
+    clock = FakeClock(wall=1_800_000_000.0 - 1_800_000_000.0 % 86400 + 3600)  # 01:00 UTC
+    state = tmp_path / "daily.json"
+    backend = LocalBackend(clock, state)  # type: ignore[arg-type]
+    for key in ("yesterday-only", "both-days"):
+        await backend.reserve(key, 0.25, 100)
+    await backend.pause("paused", clock.time() + 2 * 86400)
+    await clock.advance(86400)  # the next day
+    await backend.reserve("both-days", 0.25, 100)
+    backend.flush()
+    kept = set(json.loads(state.read_text())["keys"])
+    assert kept == {"both-days", "paused"}
+    assert (await backend.usage("both-days")).sent_today == 1
+    assert (await backend.usage("paused")).paused_until is not None
 
 
 async def test_max_queue_bounds_each_key() -> None:
