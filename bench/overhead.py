@@ -15,7 +15,8 @@ time each server process spent per request (from /proc, during the load runs).
 Needs `nginx` and `wrk` (Debian packages `nginx-light` and `wrk`, installed with apt-get when
 run as root). The `proxy (info)` path writes the request_finished line of every request (JSON,
 to /dev/null): what the default `--log-level info` costs. `--compare` adds the proxy of another
-checkout (its `proxy/` package) as one more path, e.g. a `git worktree` of the previous commit.
+checkout (its `proxy/` package) as one more path, e.g. a `git worktree` of the previous commit,
+at `--log-level warning` or, with `--compare-level info`, at the default level.
 """
 
 from __future__ import annotations
