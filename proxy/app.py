@@ -45,7 +45,7 @@ from proxy.forward import (
     outbound_headers,
     stream_back,
 )
-from proxy.logs import get_logger, level_check
+from proxy.logs import enabled_for, get_logger
 from proxy.metrics import Metrics
 from proxy.oauth import open_token_source
 from proxy.quota import (
@@ -63,8 +63,6 @@ from proxy.shared import RedisBackend, RedisTokenStore
 from proxy.upstream_errors import Generation, QuotaKind, classify, error_key_for
 
 log = get_logger("proxy")
-# The stdlib's cached level test: the request_finished line is built only when it is written.
-_log_enabled = level_check("proxy")
 
 _SECRET_PARAMS = ("api_key", "access_token", "refresh_token", "client_secret", "code")
 _JSON = "application/json"
@@ -126,20 +124,16 @@ class RequestLedger:
 
     def add(self, record: RequestRecord, status: int, duration: float) -> None:
         """Book a finished request; the batch is written by the loop's next pass."""
-        if not self._pending:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: nothing to batch with
-                self._pending.append((record, status, duration))
-                self.flush()
-                return
         self._pending.append((record, status, duration))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Count and log every booked request now."""
         batch, self._pending = self._pending, []
         metrics = self.metrics
-        info, debug = _log_enabled(logging.INFO), _log_enabled(logging.DEBUG)
+        # The request_finished line is built only when it is written.
+        info, debug = enabled_for(logging.INFO), enabled_for(logging.DEBUG)
         for record, status, duration in batch:
             if metrics is not None:
                 metrics.count_request(record.outcome, status)

@@ -1,6 +1,7 @@
-"""Structured logging: one pipeline for our events and aiohttp's, secrets scrubbed in all of it.
+"""Structured logging: the same processors for our events and aiohttp's, secrets scrubbed in all.
 
-JSON when stdout is not a terminal (containers, files), console rendering on a TTY.
+JSON when stdout is not a terminal (containers, files), console rendering on a TTY. Our own
+events go from structlog straight to the stream; other libraries' come through the stdlib.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class _Sink:
         self.broken = False
 
     def write(self, line: str) -> None:
-        stream = self.stream or sys.stdout
+        stream = sys.stdout if self.stream is None else self.stream
         try:
             stream.write(line + "\n")
             stream.flush()
@@ -178,10 +179,9 @@ def configure(log_format: str | None, level: str, stream: Any = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def level_check(name: str) -> Callable[[int], bool]:
-    """Whether our loggers would write an event at a level (one comparison, no lookup)."""
-    del name  # one level for all of the proxy's own loggers
-    return lambda level: level >= _SINK.level
+def enabled_for(level: int) -> bool:
+    """Whether the proxy's own loggers write events at a level (one level for all of them)."""
+    return level >= _SINK.level
 
 
 def get_logger(name: str) -> Any:
