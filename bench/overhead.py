@@ -2,7 +2,8 @@
 
 nginx answers a fixed body as fast as a local upstream can; wrk drives it directly, through
 `ctct-proxy serve` (every feature on, limits out of the way) and through
-`bench/plain_forwarder.py`. Rounds alternate between the paths so that drift of the machine
+`bench/plain_forwarder.py`, on uvloop like the proxy (`plain`) and on asyncio's own loop
+(`plain (asyncio)`, the plainest forwarder there is). Rounds alternate between the paths so that drift of the machine
 (other load, CPU frequency) spreads over all of them alike; each figure is the median of the
 rounds. Reports requests/s at C connections, p50 / p99 latency at one connection, and the CPU
 time each server process spent per request (from /proc, during the load runs).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -93,6 +95,13 @@ http {{
 """
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Keep every thread of a process on one CPU."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+            os.sched_setaffinity(int(task.name), {cpu})
+
+
 def start_nginx(nginx: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     """nginx on a free port, answering every request with a fixed JSON body."""
     port = free_port()
@@ -122,10 +131,10 @@ def start_proxy(
     )
 
 
-def start_plain(port: int, upstream: str) -> subprocess.Popen[bytes]:
-    """The plain forwarder of bench/plain_forwarder.py."""
+def start_plain(port: int, upstream: str, *loop: str) -> subprocess.Popen[bytes]:
+    """The plain forwarder of bench/plain_forwarder.py (`"asyncio"`: on asyncio's own loop)."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "plain_forwarder.py"), upstream, str(port)],
+        [sys.executable, str(ROOT / "bench" / "plain_forwarder.py"), upstream, str(port), *loop],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -337,7 +346,8 @@ def report(paths: dict[str, Route], args: argparse.Namespace) -> None:
             f"{m['p50_ms'] - direct_p50:>+8.3f}ms {m['cpu_us_per_request']:>7.1f}us"
         )
     ratios = {
-        f"{_key(name)}_over_plain_rps": round(m["rps"] / med["plain"]["rps"], 3)
+        f"{_key(name)}_over_{_key(yardstick)}_rps": round(m["rps"] / med[yardstick]["rps"], 3)
+        for yardstick in ("plain", "plain (asyncio)")
         for name, m in med.items()
         if name.startswith("proxy")
     }
@@ -346,6 +356,8 @@ def report(paths: dict[str, Route], args: argparse.Namespace) -> None:
         f"\nproxy / plain throughput: {ratios['proxy_over_plain_rps']:.2f} "
         f"(goal >= {THROUGHPUT_GOAL}); proxy p50 over direct: {added_p50:+.3f} ms "
         f"(goal <= {ADDED_P50_GOAL_MS} ms)"
+        f"\nproxy / plain (asyncio) throughput: {ratios['proxy_over_plain_asyncio_rps']:.2f}; "
+        f"proxy (info) / plain (asyncio): {ratios.get('proxy_info_over_plain_asyncio_rps', 0):.2f}"
     )
     summary = {
         "bench": "overhead",
@@ -358,6 +370,7 @@ def report(paths: dict[str, Route], args: argparse.Namespace) -> None:
         },
         **ratios,
         "proxy_added_p50_ms": round(added_p50, 3),
+        "pinned": args.pinned,
         "machine": machine(),
     }
     print(json.dumps(summary))
@@ -390,9 +403,20 @@ def main() -> None:
         help="log level of the compared proxy",
     )
     parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the OS place processes (default: wrk on CPU 0; nginx and the servers on CPU 1)",
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="only py-spy the proxy under load; stacks to FILE"
     )
     args = parser.parse_args()
+    pinned = args.pinned = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
+    if pinned:
+        # wrk (and this script) on CPU 0, every server and nginx on CPU 1: the load generator
+        # never competes with the server it measures, and every path crosses the same two
+        # CPUs. Figures then depend far less on where the scheduler put things.
+        os.sched_setaffinity(0, {0})
 
     nginx = ensure_tool("nginx", "nginx-light")
     wrk_bin = ensure_tool("wrk", "wrk")
@@ -420,8 +444,13 @@ def main() -> None:
                 add(name, proc, f"http://127.0.0.1:{port}")
             port = free_port()
             add("plain", start_plain(port, upstream), f"http://127.0.0.1:{port}")
+            port = free_port()
+            plain_asyncio = start_plain(port, upstream, "asyncio")
+            add("plain (asyncio)", plain_asyncio, f"http://127.0.0.1:{port}")
             for path in paths.values():
                 asyncio.run(wait_ready(path.url))
+                if pinned:
+                    pin(path.pid, 1)
             for path in paths.values():  # warm up: connections, caches, first-use paths
                 wrk(wrk_bin, path.url, args.threads, args.connections, WARM_UP_SECONDS)
             if args.profile:

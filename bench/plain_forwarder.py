@@ -3,7 +3,10 @@
 No queue, no limits, no credentials, no logs, no metrics; but one `ClientSession`, bodies
 streamed back as they come, and the same event loop as the proxy (uvloop when importable).
 
-    python bench/plain_forwarder.py UPSTREAM_URL PORT
+    python bench/plain_forwarder.py UPSTREAM_URL PORT [asyncio]
+
+With `asyncio` as a third argument it runs on asyncio's own loop even when uvloop is
+installed: the plainest aiohttp forwarder there is, as a first-time user would write it.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def main() -> None:
     except ImportError:
         pass
     else:
-        loop = uvloop.new_event_loop()
+        if sys.argv[3:] != ["asyncio"]:
+            loop = uvloop.new_event_loop()
     web.run_app(
         make_app(upstream), host="127.0.0.1", port=port, access_log=None, print=None, loop=loop
     )
