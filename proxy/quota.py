@@ -96,6 +96,9 @@ class Reservation:
     sent_today: int = 0
     blocked_until: float | None = None  # epoch seconds; set when paused or out of daily quota
     kind: QuotaKind = QuotaKind.NONE
+    # The spacing the backend paced this slot at, when wider than the one asked for (a
+    # replica pacing alone at its share of the key while Redis is away); 0: as asked.
+    spacing: float = 0.0
 
 
 @dataclass(slots=True)
@@ -298,6 +301,8 @@ class KeyQueue:
         self.queued = 0
         self.spacing = self._limits.spacing
         self._next_free = 0.0  # monotonic: our estimate of the next free slot
+        # The backend's own spacing for our last slot, when it paced wider than we asked.
+        self._paced = 0.0
         self.sent_today = 0
         self.sent_day = utc_day(self._clock.time())  # the UTC day sent_today counts
         self.blocked_until: float | None = None  # epoch
@@ -314,7 +319,12 @@ class KeyQueue:
     def predicted_wait(self, position: int | None = None) -> float:
         """Seconds until a request at `position` (default: the back) would be sent."""
         ahead = self.queued if position is None else position
-        return max(0.0, self._next_free - self._clock.monotonic()) + ahead * self.spacing
+        return max(0.0, self._next_free - self._clock.monotonic()) + ahead * self.pace
+
+    @property
+    def pace(self) -> float:
+        """Seconds between this key's sends now: `spacing`, or the backend's wider share of it."""
+        return max(self.spacing, self._paced)
 
     def admit(self, budget: float) -> Ticket:
         """Queue a request that may wait `budget` seconds, or raise Throttled at once."""
@@ -481,7 +491,8 @@ class KeyQueue:
                 self._block(reservation.blocked_until, reservation.kind)
                 continue
             slot_at = clock.monotonic() + reservation.delay
-            self._next_free = slot_at + spacing
+            self._paced = reservation.spacing
+            self._next_free = slot_at + max(spacing, reservation.spacing)
             self._holding = 1
             try:
                 if reservation.delay > 0:
@@ -508,7 +519,7 @@ class KeyQueue:
             if now - slot_at > LATE:
                 # Late (the loop was busy, or a rejection's hold came in): space the next send
                 # from this one, at the spacing in force now.
-                self._next_free = now + self.spacing
+                self._next_free = now + self.pace
                 await backend.hold(key, self.spacing)
 
     def idle(self, wall: float) -> bool:
@@ -530,7 +541,7 @@ class KeyQueue:
         return {
             "key": self.fingerprint,
             "queued": self.queued,
-            "spacing_seconds": round(self.spacing, 4),
+            "spacing_seconds": round(self.pace, 4),
             "sent_today": self.sent_today,
             "remaining_today": max(0, self._limits.daily_quota - self.sent_today),
             "next_reset": _iso(next_reset(wall)),

@@ -480,7 +480,7 @@ class RedisBackend:
             )
         # Redis decided at about the middle of the round trip; the delay runs from there.
         delay = max(0.0, delay_us / _US - elapsed / 2)
-        reservation = Reservation(delay, slot=at_us / _US, sent_today=sent)
+        reservation = Reservation(delay, slot=at_us / _US, sent_today=sent, spacing=spacing)
         memory.issued = _Issued(reservation, shared=True, spacing=spacing)
         return reservation
 
@@ -514,6 +514,7 @@ class RedisBackend:
         memory.unsynced += 1
         memory.local_next = max(memory.local_next, reservation.slot + share)
         reservation.sent_today = memory.sent + memory.unsynced
+        reservation.spacing = share
         memory.issued = _Issued(reservation, shared=False, spacing=share)
         return reservation
 

@@ -18,7 +18,8 @@ from yarl import URL
 
 from proxy.config import Config
 from proxy.credentials import Secret, fingerprint
-from proxy.quota import next_reset
+from proxy.errors import Throttled
+from proxy.quota import Limits, QuotaEngine, next_reset
 from proxy.shared import RedisBackend, fallback_spacing, redis_keys
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from proxy.upstream_errors import QuotaKind
@@ -157,6 +158,38 @@ async def test_fallback_paces_alone_at_its_share_and_counts_for_everyone(
         assert fourth.kind is QuotaKind.DAILY
         assert fourth.blocked_until == next_reset(clock.time())
     finally:
+        await backend.close()
+
+
+async def test_in_fallback_the_queue_predicts_waits_at_its_share() -> None:
+    # A replica pacing alone sends once per 1.025 s, not once per 0.256 s: a request whose
+    # wait budget cannot be met at that pace must get its 429 at once, not after waiting.
+    clock = FakeClock()
+    config = Config(
+        redis_url=Secret(f"redis://127.0.0.1:{free_port()}/0"), replicas=3, pacing_margin=0.025
+    )
+    backend = RedisBackend.from_config(config, clock)  # type: ignore[arg-type]
+    engine = QuotaEngine(Limits(4.0, 10_000, 10_000, 0.025), backend, clock)  # type: ignore[arg-type]
+    try:
+        queue = engine.queue_for("k")
+        admitted = []
+        refused = None
+        for _ in range(40):
+            try:
+                admitted.append(queue.admit(10.0))
+            except Throttled as error:
+                refused = error
+                break
+            await clock.advance(0)  # the pump takes its slot for the head
+        assert refused is not None and refused.status == 429
+        # 1.79 s of transition hold, then one send per 1.025 s: 8 fit in 10 s (at the
+        # configured 4/s the queue would have promised 32).
+        assert 6 <= len(admitted) <= 9
+        assert queue.status()["spacing_seconds"] == pytest.approx(1.025)
+        await clock.advance(10.5)
+        assert all(t.future.done() and t.future.exception() is None for t in admitted)
+    finally:
+        engine.shutdown(retry_after=1)
         await backend.close()
 
 
