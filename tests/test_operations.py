@@ -417,6 +417,39 @@ def test_config_redacted_shows_settings_but_no_secret() -> None:
 # -- /metrics -----------------------------------------------------------------------------
 
 
+async def test_at_warning_no_request_lines_but_the_metrics_count_every_request(
+    start_server: ServerFactory,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # Requests are counted with their lines, a batch at a time: a level that writes no lines
+    # must still count them (the advice for the fastest set-up is --log-level warning).
+    root = logging.getLogger()
+    saved = root.level
+    stream = io.StringIO()
+    logs.configure("json", "warning", stream=stream)
+    try:
+        sim = await start_simulator(start_server, qps=1000)
+        _, proxy = await start_proxy(configured(tmp_path, sim, qps=50.0))
+
+        async def get() -> int:
+            async with http.get(raw_url(proxy, V2_CONTACTS), headers=CLIENT) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await asyncio.gather(*(get() for _ in range(20))) == [200] * 20
+        _, found = await scrape(http, proxy)
+    finally:
+        root.removeHandler(root.handlers[0])
+        root.setLevel(saved)
+        structlog.reset_defaults()
+    assert value(found, "ctct_proxy_requests_total", outcome="forwarded", status="200") == 20
+    assert value(found, "ctct_proxy_queue_wait_seconds_count") == 20
+    assert value(found, "ctct_proxy_upstream_latency_seconds_count") == 20
+    assert "request_finished" not in stream.getvalue()
+
+
 async def test_metrics_move_as_requests_flow_and_hold_no_secret(
     start_server: ServerFactory,
     start_proxy: StartProxy,
