@@ -17,7 +17,7 @@ EXIT_FAILED = 1
 
 def build_parser() -> argparse.ArgumentParser:
     """The `ctct-proxy` parser with its subcommands."""
-    from proxy.oauth import add_login_arguments
+    from proxy.login import add_login_arguments
     from proxy.simulator import add_simulate_arguments
 
     parser = argparse.ArgumentParser(
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         )
         return 0
     if args.command == "login":
-        from proxy.oauth import LoginFailed, login, login_settings
+        from proxy.login import LoginFailed, login, login_settings
 
         try:
             config, options = login_settings(vars(args), env)

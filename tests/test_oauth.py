@@ -27,18 +27,15 @@ from proxy import logs
 from proxy.cli import main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, fingerprint
+from proxy.login import LoginOptions, login, login_settings, pkce_pair
 from proxy.oauth import (
     REFRESH_LEAD,
     STATE_FILE_NAME,
     FileTokenStore,
-    LoginOptions,
     OAuthTokens,
     TokenClient,
     TokenSet,
     choose_start,
-    login,
-    login_settings,
-    pkce_pair,
 )
 from proxy.simulator import (
     OAUTH_AUTHORIZE_PATH,
