@@ -73,19 +73,28 @@ class Captured:
 
 
 @pytest.fixture
-def captured_logs() -> Iterator[Captured]:
-    """The proxy's logging pipeline writing JSON into a buffer; the process's logging restored."""
+def restore_logging() -> Iterator[None]:
+    """Whatever a test configures, the process's logging as it was afterwards."""
     root = logging.getLogger()
     access = logging.getLogger("aiohttp.access")
-    saved = (root.level, access.level)
+    saved = (root.handlers[:], root.level, access.level)
+    sink = logs._SINK
+    # Our own events write through the sink, not the root handlers: put it back as well.
+    saved_sink = (sink.stream, sink.level, sink.render)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    access.setLevel(saved[2])
+    sink.stream, sink.level, sink.render = saved_sink
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def captured_logs(restore_logging: None) -> Captured:
+    """The proxy's logging pipeline writing JSON into a buffer."""
     stream = io.StringIO()
     logs.configure("json", "info", stream=stream)
-    handler = root.handlers[0]
-    yield Captured(stream)
-    root.removeHandler(handler)
-    root.setLevel(saved[0])
-    access.setLevel(saved[1])
-    structlog.reset_defaults()
+    return Captured(stream)
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
@@ -317,24 +326,17 @@ def test_stdlib_records_are_rendered_and_scrubbed_by_the_same_pipeline(
     assert_no_secret(captured_logs.text)
 
 
-def test_configuring_again_reaches_loggers_already_in_use() -> None:
+def test_configuring_again_reaches_loggers_already_in_use(restore_logging: None) -> None:
     # Our events skip the stdlib; loggers are cached on first use. A second configure (a new
     # stream, a new level) must still reach them, and foreign stdlib logs must share the stream.
-    root = logging.getLogger()
-    saved = root.level
     first, second = io.StringIO(), io.StringIO()
-    try:
-        logs.configure("json", "info", stream=first)
-        log = logs.get_logger("proxy.reconfigured")
-        log.info("one", token_hint="api_key=" + API_KEY)
-        logs.configure("json", "warning", stream=second)
-        log.info("below the new level")
-        log.warning("two")
-        logging.getLogger("aiohttp.server").warning("three %s", "api_key=" + API_KEY)
-    finally:
-        root.removeHandler(root.handlers[0])
-        root.setLevel(saved)
-        structlog.reset_defaults()
+    logs.configure("json", "info", stream=first)
+    log = logs.get_logger("proxy.reconfigured")
+    log.info("one", token_hint="api_key=" + API_KEY)
+    logs.configure("json", "warning", stream=second)
+    log.info("below the new level")
+    log.warning("two")
+    logging.getLogger("aiohttp.server").warning("three %s", "api_key=" + API_KEY)
     one = [json.loads(line) for line in first.getvalue().splitlines()]
     two = [json.loads(line) for line in second.getvalue().splitlines()]
     assert [e["event"] for e in one] == ["one"]
@@ -347,42 +349,28 @@ def test_configuring_again_reaches_loggers_already_in_use() -> None:
 
 
 def test_a_broken_log_stream_does_not_fail_logging_calls(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     class Closed(io.StringIO):
         def write(self, text: str) -> int:
             raise BrokenPipeError(32, "Broken pipe")
 
-    root = logging.getLogger()
-    saved = root.level
-    try:
-        logs.configure("json", "info", stream=Closed())
-        logs.get_logger("proxy").info("into a closed pipe")
-        logs.get_logger("proxy").info("and again")
-    finally:
-        root.removeHandler(root.handlers[0])
-        root.setLevel(saved)
-        structlog.reset_defaults()
+    logs.configure("json", "info", stream=Closed())
+    logs.get_logger("proxy").info("into a closed pipe")
+    logs.get_logger("proxy").info("and again")
     # Said once on stderr, and neither call raised.
     assert capsys.readouterr().err.count("log stream failed: BrokenPipeError") == 1
 
 
-def test_console_rendering_is_chosen_for_a_terminal() -> None:
+def test_console_rendering_is_chosen_for_a_terminal(restore_logging: None) -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
-    root = logging.getLogger()
-    saved = root.level
     stream = Terminal()
-    try:
-        logs.configure(None, "warning", stream=stream)
-        logs.get_logger("proxy").warning("hello", key=KEY_FP)
-        logs.get_logger("proxy").info("hidden below the level")
-    finally:
-        root.removeHandler(root.handlers[0])
-        root.setLevel(saved)
-        structlog.reset_defaults()
+    logs.configure(None, "warning", stream=stream)
+    logs.get_logger("proxy").warning("hello", key=KEY_FP)
+    logs.get_logger("proxy").info("hidden below the level")
     text = stream.getvalue()
     assert "hello" in text
     assert KEY_FP in text
@@ -422,28 +410,22 @@ async def test_at_warning_no_request_lines_but_the_metrics_count_every_request(
     start_proxy: StartProxy,
     http: aiohttp.ClientSession,
     tmp_path: Path,
+    restore_logging: None,
 ) -> None:
     # Requests are counted with their lines, a batch at a time: a level that writes no lines
     # must still count them (the advice for the fastest set-up is --log-level warning).
-    root = logging.getLogger()
-    saved = root.level
     stream = io.StringIO()
     logs.configure("json", "warning", stream=stream)
-    try:
-        sim = await start_simulator(start_server, qps=1000)
-        _, proxy = await start_proxy(configured(tmp_path, sim, qps=50.0))
+    sim = await start_simulator(start_server, qps=1000)
+    _, proxy = await start_proxy(configured(tmp_path, sim, qps=50.0))
 
-        async def get() -> int:
-            async with http.get(raw_url(proxy, V2_CONTACTS), headers=CLIENT) as resp:
-                await resp.read()
-                return resp.status
+    async def get() -> int:
+        async with http.get(raw_url(proxy, V2_CONTACTS), headers=CLIENT) as resp:
+            await resp.read()
+            return resp.status
 
-        assert await asyncio.gather(*(get() for _ in range(20))) == [200] * 20
-        _, found = await scrape(http, proxy)
-    finally:
-        root.removeHandler(root.handlers[0])
-        root.setLevel(saved)
-        structlog.reset_defaults()
+    assert await asyncio.gather(*(get() for _ in range(20))) == [200] * 20
+    _, found = await scrape(http, proxy)
     assert value(found, "ctct_proxy_requests_total", outcome="forwarded", status="200") == 20
     assert value(found, "ctct_proxy_queue_wait_seconds_count") == 20
     assert value(found, "ctct_proxy_upstream_latency_seconds_count") == 20
