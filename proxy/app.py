@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
 from proxy.errors import (
@@ -47,7 +48,8 @@ from proxy.forward import (
 )
 from proxy.logs import enabled_for, get_logger
 from proxy.metrics import Metrics
-from proxy.oauth import open_token_source
+from proxy.oauth.redis_store import RedisTokenStore
+from proxy.oauth.tokens import open_token_source
 from proxy.quota import (
     FLUSH_INTERVAL,
     KeyQueue,
@@ -55,11 +57,10 @@ from proxy.quota import (
     LocalBackend,
     QuotaBackend,
     QuotaEngine,
-    SystemClock,
     Ticket,
     next_reset,
 )
-from proxy.shared import RedisBackend, RedisTokenStore
+from proxy.quota.redis import RedisBackend
 from proxy.upstream_errors import Generation, QuotaKind, classify, error_key_for
 
 log = get_logger("proxy")

@@ -17,7 +17,7 @@ EXIT_FAILED = 1
 
 def build_parser() -> argparse.ArgumentParser:
     """The `ctct-proxy` parser with its subcommands."""
-    from proxy.login import add_login_arguments
+    from proxy.oauth.login import add_login_arguments
     from proxy.simulator import add_simulate_arguments
 
     parser = argparse.ArgumentParser(
@@ -66,12 +66,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"ctct-proxy: error: {error}", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure(config.log_format, config.log_level)
-        from proxy.server import serve
+        from proxy.edge.server import serve
 
         _run(serve(config))
         return 0
     if args.command == "simulate":
-        from proxy.server import run_until_stopped
+        from proxy.edge.server import run_until_stopped
         from proxy.simulator import make_simulator_app, simulator_config_from_args
 
         try:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         )
         return 0
     if args.command == "login":
-        from proxy.login import LoginFailed, login, login_settings
+        from proxy.oauth.login import LoginFailed, login, login_settings
 
         try:
             config, options = login_settings(vars(args), env)

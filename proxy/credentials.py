@@ -7,7 +7,6 @@ This is the only module that looks inside credentials: the rest of the proxy see
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hashlib
 import hmac
@@ -115,15 +114,25 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+# A JWT payload longer than this is not one of ours to read (Constant Contact's are < 1 KiB).
+MAX_JWT_PAYLOAD = 8 * 1024
+
+
 def jwt_client_id(token: str) -> str | None:
-    """The `cid` / `client_id` claim of a JWT, read without verifying (it only names a bucket)."""
+    """The `cid` / `client_id` claim of a JWT, read without verifying (it only names a bucket).
+
+    Constant Contact counts v3 quota per application, and its access tokens name the
+    application's client id in `cid`. Anything that is not a small JSON object (too long,
+    not base64, nested past the parser's depth) is no JWT: None, never an exception.
+    """
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or len(parts[1]) > MAX_JWT_PAYLOAD:
         return None
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError):
+    except (ValueError, RecursionError):
+        # binascii.Error, UnicodeDecodeError and JSONDecodeError are all ValueErrors.
         return None
     if not isinstance(claims, dict):
         return None

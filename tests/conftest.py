@@ -18,8 +18,8 @@ from yarl import URL
 
 from proxy.app import make_app
 from proxy.config import Config
+from proxy.edge.server import ProxyRunner, runner_options
 from proxy.quota import QuotaBackend
-from proxy.server import ProxyRunner, runner_options
 from tests.redis_server import RedisServer
 
 

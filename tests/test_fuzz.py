@@ -32,7 +32,7 @@ from yarl import URL
 from proxy import logs
 from proxy.app import make_app
 from proxy.credentials import Secret, query_param_values
-from proxy.server import ProxyRunner, runner_options
+from proxy.edge.server import ProxyRunner, runner_options
 from tests.conftest import Recorder, proxy_config
 
 API_KEY = "FUZZKEY-1c2d3e4f5a6b7c8d"

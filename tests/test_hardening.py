@@ -29,7 +29,7 @@ from proxy.app import BODY_RATE_FLOOR, make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, query_param_values, redact
-from proxy.server import (
+from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
     MAX_HEADERS,

@@ -27,8 +27,8 @@ from proxy import logs
 from proxy.cli import main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, fingerprint
-from proxy.login import LoginOptions, login, login_settings, pkce_pair
-from proxy.oauth import (
+from proxy.oauth.login import LoginOptions, login, login_settings, pkce_pair
+from proxy.oauth.tokens import (
     REFRESH_LEAD,
     STATE_FILE_NAME,
     FileTokenStore,
@@ -37,16 +37,9 @@ from proxy.oauth import (
     TokenSet,
     choose_start,
 )
-from proxy.simulator import (
-    OAUTH_AUTHORIZE_PATH,
-    OAUTH_EXPIRE_PATH,
-    OAUTH_TOKEN_PATH,
-    SIMULATOR,
-    QuotaLedger,
-    Simulator,
-    SimulatorConfig,
-    make_simulator_app,
-)
+from proxy.simulator import Simulator, SimulatorConfig, make_simulator_app
+from proxy.simulator.config import OAUTH_AUTHORIZE_PATH, OAUTH_EXPIRE_PATH, OAUTH_TOKEN_PATH
+from proxy.simulator.gateway import SIMULATOR, QuotaLedger
 from tests.conftest import ServerFactory, StartProxy, proxy_config
 from tests.fakes import FakeClock
 

@@ -19,7 +19,7 @@ SPACING = 0.25625  # (1 + 0.025) / 4
 def engine(
     clock: FakeClock, *, daily: int = 10_000, max_queue: int = 10_000, state: Path | None = None
 ) -> QuotaEngine:
-    return QuotaEngine(Limits(4.0, daily, max_queue, 0.025), LocalBackend(clock, state), clock)  # type: ignore[arg-type]
+    return QuotaEngine(Limits(4.0, daily, max_queue, 0.025), LocalBackend(clock, state), clock)
 
 
 async def granted_at(
@@ -159,7 +159,7 @@ async def test_keys_of_an_earlier_day_are_forgotten_unless_paused(tmp_path: Path
     # Without client tokens any api_key names a key: yesterday's must not pile up for ever.
     clock = FakeClock(wall=1_800_000_000.0 - 1_800_000_000.0 % 86400 + 3600)  # 01:00 UTC
     state = tmp_path / "daily.json"
-    backend = LocalBackend(clock, state)  # type: ignore[arg-type]
+    backend = LocalBackend(clock, state)
     for key in ("yesterday-only", "both-days"):
         await backend.reserve(key, 0.25, 100)
     await backend.pause("paused", clock.time() + 2 * 86400)
@@ -274,7 +274,7 @@ async def test_spacing_eases_fast_once_the_rejections_stop() -> None:
 async def test_idle_queues_are_forgotten_when_keys_pile_up_but_counts_are_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("proxy.quota.MAX_QUEUES", 3)
+    monkeypatch.setattr("proxy.quota.engine.MAX_QUEUES", 3)
     clock = FakeClock()
     eng = engine(clock)
     busy = eng.queue_for("busy")

@@ -20,7 +20,7 @@ from proxy.config import Config
 from proxy.credentials import Secret, fingerprint
 from proxy.errors import Throttled
 from proxy.quota import Limits, QuotaEngine, next_reset
-from proxy.shared import RedisBackend, fallback_spacing, redis_keys
+from proxy.quota.redis import RedisBackend, fallback_spacing, redis_keys
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from proxy.upstream_errors import QuotaKind
 from tests.conftest import ServerFactory, StartProxy, proxy_config
@@ -142,7 +142,7 @@ async def test_fallback_paces_alone_at_its_share_and_counts_for_everyone(
     config = Config(
         redis_url=Secret(f"redis://127.0.0.1:{free_port()}/0"), replicas=3, pacing_margin=0.025
     )
-    backend = RedisBackend.from_config(config, clock)  # type: ignore[arg-type]
+    backend = RedisBackend.from_config(config, clock)
     try:
         assert backend.mode() == "fallback"  # no contact yet
         first = await backend.reserve("k", SPACING, 7)
@@ -168,8 +168,8 @@ async def test_in_fallback_the_queue_predicts_waits_at_its_share() -> None:
     config = Config(
         redis_url=Secret(f"redis://127.0.0.1:{free_port()}/0"), replicas=3, pacing_margin=0.025
     )
-    backend = RedisBackend.from_config(config, clock)  # type: ignore[arg-type]
-    engine = QuotaEngine(Limits(4.0, 10_000, 10_000, 0.025), backend, clock)  # type: ignore[arg-type]
+    backend = RedisBackend.from_config(config, clock)
+    engine = QuotaEngine(Limits(4.0, 10_000, 10_000, 0.025), backend, clock)
     try:
         queue = engine.queue_for("k")
         admitted = []

@@ -27,14 +27,12 @@ from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
 from proxy.simulator import (
-    SIMULATOR,
-    QuotaLedger,
     SimulatorConfig,
-    Verdict,
     add_simulate_arguments,
     make_simulator_app,
     simulator_config_from_args,
 )
+from proxy.simulator.gateway import SIMULATOR, QuotaLedger, Verdict
 
 Client = TestClient[web.Request, web.Application]
 

@@ -34,11 +34,11 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 from yarl import URL
 
+from proxy.clock import Clock, SystemClock
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, TokenSource, fingerprint, redact
 from proxy.errors import CredentialsNeedAttention
 from proxy.logs import get_logger
-from proxy.quota import SystemClock
 
 if sys.platform != "win32":
     import fcntl
@@ -82,13 +82,6 @@ LOCK_TIMEOUT: Final = 60.0
 CLOSE_GRACE: Final = 10.0
 _MAX_ANSWER: Final = 64 * 1024
 _ERROR_CODE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-
-
-class Clock(Protocol):
-    """Wall time and sleeping: `quota.SystemClock` in production, a fake one in tests."""
-
-    def time(self) -> float: ...
-    async def sleep(self, seconds: float) -> None: ...
 
 
 # -- the token set ------------------------------------------------------------------------

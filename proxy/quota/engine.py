@@ -15,25 +15,19 @@ let a burst of qps through at once and up to 2·qps - 1 into one rolling second.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import json
 import math
-import os
-import tempfile
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Protocol
 
+from proxy.clock import Clock, SystemClock, Timer
 from proxy.credentials import fingerprint
 from proxy.errors import Throttled, Unavailable, retry_after_seconds
+from proxy.quota.backend import QuotaBackend, next_reset, utc_day
 from proxy.upstream_errors import QuotaKind
 
-DAY = 86_400.0
 # Each per-second rejection from the gateway multiplies the spacing by BACKOFF (up to
 # MAX_BACKOFF times the configured spacing); each accepted send takes EASE of the excess
 # back off. Fast up, slow down: a neighbour spending part of the key costs a few
@@ -48,211 +42,8 @@ EASE_CALM = 0.05
 # A send this much later than its slot pushes the next slot back (the next send is spaced
 # from the actual one, so a late send never squeezes the next).
 LATE = 0.002
-FLUSH_INTERVAL = 0.5
 # Past this many keys' queues, idle ones are forgotten when a new key arrives.
 MAX_QUEUES = 10_000
-
-
-class Clock(Protocol):
-    """Time as the quota engine sees it; tests substitute a controllable one."""
-
-    def monotonic(self) -> float: ...
-    def time(self) -> float: ...
-    async def sleep(self, seconds: float) -> None: ...
-    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle: ...
-
-
-class SystemClock:
-    """The real clocks: `time.monotonic` for pacing, `time.time` for UTC days."""
-
-    # The functions themselves, not methods wrapping them: read several times per request.
-    monotonic = staticmethod(time.monotonic)
-    time = staticmethod(time.time)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
-        return asyncio.get_running_loop().call_later(delay, callback)
-
-
-def next_reset(wall: float, hour: int = 0) -> float:
-    """The next daily reset at `hour`:00 UTC after `wall` (epoch seconds)."""
-    offset = hour * 3600.0
-    return (((wall - offset) // DAY) + 1) * DAY + offset
-
-
-def utc_day(wall: float) -> int:
-    """The UTC day number of an epoch time."""
-    return int(wall // DAY)
-
-
-@dataclass(slots=True)
-class Reservation:
-    """A send slot handed out by a backend, or the reason there is none."""
-
-    delay: float
-    slot: float = 0.0
-    sent_today: int = 0
-    blocked_until: float | None = None  # epoch seconds; set when paused or out of daily quota
-    kind: QuotaKind = QuotaKind.NONE
-    # The spacing the backend paced this slot at, when wider than the one asked for (a
-    # replica pacing alone at its share of the key while Redis is away); 0: as asked.
-    spacing: float = 0.0
-
-
-@dataclass(slots=True)
-class Usage:
-    """What a backend knows of a key's day."""
-
-    sent_today: int
-    paused_until: float | None
-
-
-class QuotaBackend(Protocol):
-    """The shared state of a key's quota: send slots, the day's count and pauses.
-
-    Keys are fingerprints, never secrets. Each call is one atomic decision.
-    """
-
-    async def reserve(self, key: str, spacing: float, daily_quota: int) -> Reservation:
-        """Take the next free send slot and count it toward today, or say why not."""
-        ...
-
-    async def give_back(self, key: str, reservation: Reservation, spacing: float) -> None:
-        """Return a slot (and its count) that no request used."""
-        ...
-
-    async def hold(self, key: str, seconds: float) -> None:
-        """Let no send of this key go before `seconds` from now."""
-        ...
-
-    async def pause(self, key: str, until: float) -> None:
-        """Let no send of this key go before the epoch time `until` (a daily-quota pause)."""
-        ...
-
-    async def usage(self, key: str) -> Usage:
-        """The key's count today and its pause, if any."""
-        ...
-
-
-@dataclass(slots=True)
-class _LocalKey:
-    next_free: float = 0.0
-    day: int = 0
-    sent: int = 0
-    paused_until: float = 0.0
-
-
-class LocalBackend:
-    """Quota state in this process, with the daily counts persisted under the state dir.
-
-    Counts are written atomically (temp file + rename) at most every FLUSH_INTERVAL, so a
-    `kill -9` forgets at most the sends of that last interval.
-    """
-
-    def __init__(self, clock: Clock, state_file: Path | None = None) -> None:
-        self._clock = clock
-        self._keys: dict[str, _LocalKey] = {}
-        self._state_file = state_file
-        self._dirty = False
-        if state_file is not None:
-            self._load(state_file)
-
-    def _key(self, key: str) -> _LocalKey:
-        state = self._keys.get(key)
-        if state is None:
-            state = self._keys[key] = _LocalKey(day=utc_day(self._clock.time()))
-        day = utc_day(self._clock.time())
-        if state.day != day:
-            state.day, state.sent = day, 0
-        return state
-
-    async def reserve(self, key: str, spacing: float, daily_quota: int) -> Reservation:
-        state = self._key(key)
-        wall = self._clock.time()
-        if state.paused_until > wall:
-            return Reservation(
-                0.0, sent_today=state.sent, blocked_until=state.paused_until, kind=QuotaKind.DAILY
-            )
-        if state.sent >= daily_quota:
-            return Reservation(
-                0.0, sent_today=state.sent, blocked_until=next_reset(wall), kind=QuotaKind.DAILY
-            )
-        now = self._clock.monotonic()
-        slot = max(now, state.next_free)
-        state.next_free = slot + spacing
-        state.sent += 1
-        self._dirty = True
-        return Reservation(slot - now, slot=slot, sent_today=state.sent)
-
-    async def give_back(self, key: str, reservation: Reservation, spacing: float) -> None:
-        state = self._key(key)
-        if abs(state.next_free - (reservation.slot + spacing)) < 1e-9:
-            state.next_free = reservation.slot
-        state.sent = max(0, state.sent - 1)
-        self._dirty = True
-
-    async def hold(self, key: str, seconds: float) -> None:
-        state = self._key(key)
-        state.next_free = max(state.next_free, self._clock.monotonic() + seconds)
-
-    async def pause(self, key: str, until: float) -> None:
-        state = self._key(key)
-        state.paused_until = max(state.paused_until, until)
-        self._dirty = True
-
-    async def usage(self, key: str) -> Usage:
-        state = self._key(key)
-        paused = state.paused_until if state.paused_until > self._clock.time() else None
-        return Usage(state.sent, paused)
-
-    def _load(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError):
-            # A torn or foreign file: start the day's counts afresh rather than refuse to start.
-            return
-        today = utc_day(self._clock.time())
-        for key, entry in data.get("keys", {}).items():
-            if entry.get("day") == today:
-                self._keys[key] = _LocalKey(
-                    day=today,
-                    sent=int(entry.get("sent", 0)),
-                    paused_until=float(entry.get("paused_until", 0.0)),
-                )
-
-    def flush(self) -> None:
-        """Write the counts to the state file if they changed (atomically)."""
-        if self._state_file is None or not self._dirty:
-            return
-        self._dirty = False
-        # Keys last seen on an earlier day, with no pause in force, hold nothing worth keeping
-        # (their count restarts at 0): forget them, in memory and on disk.
-        wall = self._clock.time()
-        today = utc_day(wall)
-        for key in [k for k, s in self._keys.items() if s.day != today and s.paused_until <= wall]:
-            del self._keys[key]
-        payload = {
-            "keys": {
-                key: {"day": s.day, "sent": s.sent, "paused_until": s.paused_until}
-                for key, s in self._keys.items()
-            }
-        }
-        directory = self._state_file.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".daily-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh)
-            os.replace(tmp, self._state_file)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            self._dirty = True
-            raise
 
 
 class TicketState(enum.Enum):
@@ -269,7 +60,7 @@ class Ticket:
     deadline: float
     enqueued: float
     state: TicketState = TicketState.QUEUED
-    timer: asyncio.TimerHandle | None = None
+    timer: Timer | None = None
     granted_at: float | None = None
     replays: int = 0
 

@@ -24,7 +24,7 @@ from yarl import URL
 
 from proxy.config import SETTINGS, Config, ConfigError, port_number, positive_float
 from proxy.credentials import fingerprint
-from proxy.oauth import FileTokenStore, RefreshFailed, TokenClient, TokenSet, state_path
+from proxy.oauth.tokens import FileTokenStore, RefreshFailed, TokenClient, TokenSet, state_path
 
 DEFAULT_AUTHORIZE_URL: Final = "https://authz.constantcontact.com/oauth2/default/v1/authorize"
 DEFAULT_REDIRECT_HOST: Final = "localhost"

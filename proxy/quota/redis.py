@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -31,31 +30,15 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import AuthenticationError, RedisError
 
+from proxy.clock import Clock, SystemClock
 from proxy.config import Config
-from proxy.credentials import fingerprint, redact
+from proxy.credentials import redact
 from proxy.logs import get_logger
-from proxy.oauth import (
-    LOCK_POLL,
-    LOCK_TIMEOUT,
-    RefreshFailed,
-    StateUnreadable,
-    TokenSet,
-    TokenStore,
-)
-from proxy.quota import (
-    Clock,
-    LocalBackend,
-    Reservation,
-    SystemClock,
-    Usage,
-    next_reset,
-    utc_day,
-)
+from proxy.quota.backend import Mode, Reservation, Usage, next_reset, utc_day
+from proxy.quota.local import LocalBackend
 from proxy.upstream_errors import QuotaKind
 
-log = get_logger("proxy.shared")
-
-Mode = Literal["shared", "fallback"]
+log = get_logger("proxy.quota")
 
 # A Redis call slower than this counts as Redis being away: a queued request should not
 # wait on a struggling Redis longer than a fraction of one send spacing.
@@ -76,135 +59,11 @@ REPLICAS_KEY = "ctct:replicas"
 
 _US = 1_000_000
 
-# Shared Lua: Redis TIME in microseconds, and integers written without exponent notation
-# (Lua 5.1 prints large numbers as 1.8e+15, which would lose the microseconds).
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local DAY = 86400000000
-local function int(x) return string.format('%d', x) end
-local function set_pace(key, next_free)
-  redis.call('SET', key, int(next_free), 'PX', int(math.max(0, next_free - now) / 1000 + 60000))
-end
-"""
 
-# KEYS: pace, daily, paused. ARGV: spacing (us), daily quota.
-# Returns {status, delay_us, sent_today, at_us}: status 0 = slot at `at`; 1 = paused until
-# `at`; 2 = the day's quota is used up, it resets at `at`.
-_RESERVE = (
-    _PRELUDE
-    + """
-local spacing = tonumber(ARGV[1])
-local quota = tonumber(ARGV[2])
-local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or 0))
-local day = math.floor(slot / DAY)
-local counted = redis.call('HMGET', KEYS[2], 'day', 'sent')
-local sent = 0
-if tonumber(counted[1]) == day then sent = tonumber(counted[2]) or 0 end
-local paused = tonumber(redis.call('GET', KEYS[3]) or 0)
-if paused > slot then return {1, 0, sent, paused} end
-if sent >= quota then return {2, 0, sent, (day + 1) * DAY} end
-sent = sent + 1
-redis.call('HSET', KEYS[2], 'day', int(day), 'sent', int(sent))
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-set_pace(KEYS[1], slot + spacing)
-return {0, slot - now, sent, slot}
-"""
-)
-
-# KEYS: pace, daily. ARGV: slot (us), spacing (us). The slot comes back only if nobody has
-# reserved after it (compare-and-set); the day's count always does. Returns 1 if it did.
-_GIVE_BACK = (
-    _PRELUDE
-    + """
-local slot = tonumber(ARGV[1])
-local returned = 0
-if tonumber(redis.call('GET', KEYS[1]) or 0) == slot + tonumber(ARGV[2]) then
-  set_pace(KEYS[1], slot)
-  returned = 1
-end
-local counted = redis.call('HMGET', KEYS[2], 'day', 'sent')
-if tonumber(counted[1]) == math.floor(slot / DAY) and (tonumber(counted[2]) or 0) > 0 then
-  redis.call('HINCRBY', KEYS[2], 'sent', -1)
-end
-return returned
-"""
-)
-
-# KEYS: pace. ARGV: seconds (us) from now before which no send may go.
-_HOLD = (
-    _PRELUDE
-    + """
-local held = now + tonumber(ARGV[1])
-if held > tonumber(redis.call('GET', KEYS[1]) or 0) then set_pace(KEYS[1], held) end
-return 1
-"""
-)
-
-# KEYS: paused. ARGV: until (epoch us). Pauses only ever lengthen; the key expires with them.
-_PAUSE = (
-    _PRELUDE
-    + """
-local paused = tonumber(ARGV[1])
-if paused > now and paused > tonumber(redis.call('GET', KEYS[1]) or 0) then
-  redis.call('SET', KEYS[1], int(paused))
-  redis.call('PEXPIREAT', KEYS[1], int(math.floor(paused / 1000) + 1))
-end
-return 1
-"""
-)
-
-# KEYS: daily, paused. Returns {sent today, paused until (us) or 0}.
-_USAGE = (
-    _PRELUDE
-    + """
-local counted = redis.call('HMGET', KEYS[1], 'day', 'sent')
-local sent = 0
-if tonumber(counted[1]) == math.floor(now / DAY) then sent = tonumber(counted[2]) or 0 end
-local paused = tonumber(redis.call('GET', KEYS[2]) or 0)
-if paused <= now then paused = 0 end
-return {sent, paused}
-"""
-)
-
-# KEYS: pace, daily, paused. ARGV: day, count known before the outage, sends made during it,
-# hold (us), pause until (epoch us or 0). Puts back what a replica learned while Redis was
-# away, and what a restarted (empty) Redis forgot. Returns the day's count.
-_RESTORE = (
-    _PRELUDE
-    + """
-local day = tonumber(ARGV[1])
-local counted = redis.call('HMGET', KEYS[2], 'day', 'sent')
-local sent = 0
-if tonumber(counted[1]) == day then sent = tonumber(counted[2]) or 0 end
-if day == math.floor(now / DAY) then
-  sent = math.max(0, math.max(sent, tonumber(ARGV[2])) + tonumber(ARGV[3]))
-  redis.call('HSET', KEYS[2], 'day', int(day), 'sent', int(sent))
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
-local held = now + tonumber(ARGV[4])
-if held > tonumber(redis.call('GET', KEYS[1]) or 0) then set_pace(KEYS[1], held) end
-local paused = tonumber(ARGV[5])
-if paused > now and paused > tonumber(redis.call('GET', KEYS[3]) or 0) then
-  redis.call('SET', KEYS[3], int(paused))
-  redis.call('PEXPIREAT', KEYS[3], int(math.floor(paused / 1000) + 1))
-end
-return sent
-"""
-)
-
-# KEYS: replicas. ARGV: replica id, ttl (us), age (us). Returns {replicas alive, replicas
-# whose heartbeat is at most `age` old}.
-_HEARTBEAT = (
-    _PRELUDE
-    + """
-redis.call('ZADD', KEYS[1], int(now), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now - tonumber(ARGV[2])))
-redis.call('PEXPIRE', KEYS[1], int(tonumber(ARGV[2]) / 1000 * 10))
-local fresh = redis.call('ZCOUNT', KEYS[1], int(now - tonumber(ARGV[3])), '+inf')
-return {redis.call('ZCARD', KEYS[1]), fresh}
-"""
-)
+def _script(name: str) -> str:
+    """A Lua script from `lua/`, after the shared prelude (Redis TIME, integer formatting)."""
+    lua = resources.files("proxy.quota") / "lua"
+    return (lua / "prelude.lua").read_text() + (lua / f"{name}.lua").read_text()
 
 
 def redis_keys(fingerprint: str) -> tuple[str, str, str]:
@@ -294,13 +153,13 @@ class RedisBackend:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source)
             for name, source in (
-                ("reserve", _RESERVE),
-                ("give_back", _GIVE_BACK),
-                ("hold", _HOLD),
-                ("pause", _PAUSE),
-                ("usage", _USAGE),
-                ("restore", _RESTORE),
-                ("heartbeat", _HEARTBEAT),
+                ("reserve", _script("reserve")),
+                ("give_back", _script("give_back")),
+                ("hold", _script("hold")),
+                ("pause", _script("pause")),
+                ("usage", _script("usage")),
+                ("restore", _script("restore")),
+                ("heartbeat", _script("heartbeat")),
             )
         }
         # Until the first contact the replica is in fallback, in its first episode.
@@ -630,101 +489,3 @@ class RedisBackend:
                 return False
             memory.sent, memory.unsynced = int(reply), 0
         return True
-
-
-# -- OAuth tokens shared by replicas ----------------------------------------------------------
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# A refresh (lock, token call, save) takes well under this; a crashed holder's lock expires.
-TOKEN_LOCK_TTL = 30.0
-# Unused refresh tokens expire after 180 days at Constant Contact; keep the set as long.
-TOKEN_SET_TTL = 180 * 86_400
-
-
-class RedisTokenStore:
-    """The OAuth token set shared by replicas: one refresher at a time, one result for all.
-
-    The lock is a Redis key with an expiry (SET NX PX), released only by its holder; the
-    token set is a value under a key named by the client id's fingerprint. Every save also
-    goes to the replica's own state file first, so a restart without Redis still has the
-    newest rotated refresh token. When Redis is away, the local file and its lock serve alone.
-    Redis then holds the tokens as a value (key names carry fingerprints only): give it a
-    password and TLS (`rediss://`) when it is reachable by others.
-    """
-
-    def __init__(self, client: aioredis.Redis, client_id: str, local: TokenStore) -> None:
-        tag = "oauth-" + fingerprint(client_id)
-        self._client = client
-        self._local = local
-        self._key = f"ctct:{{{tag}}}:tokens"
-        self._lock = f"ctct:{{{tag}}}:lock"
-        self._release = client.register_script(_RELEASE)
-
-    async def load(self) -> TokenSet | None:
-        """The newer of the shared token set and the local one."""
-        local = await self._local.load()
-        try:
-            raw = await asyncio.wait_for(self._client.get(self._key), CALL_TIMEOUT * 4)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("oauth_shared_store_unavailable", error=redact(str(exc)))
-            return local
-        if raw is None:
-            return local
-        try:
-            shared = TokenSet.from_json(json.loads(raw))
-        except (ValueError, StateUnreadable) as exc:
-            log.warning("oauth_shared_store_unreadable", error=str(exc))
-            return local
-        if local is None or shared.obtained_at >= local.obtained_at:
-            return shared
-        return local
-
-    async def save(self, tokens: TokenSet) -> None:
-        """Save locally (durable first), then share."""
-        await self._local.save(tokens)
-        try:
-            await asyncio.wait_for(
-                self._client.set(self._key, json.dumps(tokens.to_json()), ex=TOKEN_SET_TTL),
-                CALL_TIMEOUT * 4,
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("oauth_shared_store_unavailable", error=redact(str(exc)))
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """Hold the replicas' refresh lock (and the local one) across load-refresh-save."""
-        token = uuid.uuid4().hex
-        held = False
-        deadline = asyncio.get_running_loop().time() + LOCK_TIMEOUT
-        while True:
-            try:
-                held = bool(
-                    await asyncio.wait_for(
-                        self._client.set(self._lock, token, nx=True, px=int(TOKEN_LOCK_TTL * 1000)),
-                        CALL_TIMEOUT * 4,
-                    )
-                )
-            except (RedisError, OSError, TimeoutError) as exc:
-                # Never fail a refresh because Redis is away: the local lock still serialises
-                # this host, and a replica cut off from Redis cannot be coordinated anyway.
-                log.warning("oauth_shared_lock_unavailable", error=redact(str(exc)))
-                break
-            if held:
-                break
-            if asyncio.get_running_loop().time() > deadline:
-                raise RefreshFailed(
-                    "state_locked", description="the replicas' OAuth lock stayed taken"
-                )
-            await asyncio.sleep(LOCK_POLL)
-        try:
-            async with self._local.exclusive():
-                yield
-        finally:
-            if held:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(
-                        self._release(keys=[self._lock], args=[token]), CALL_TIMEOUT * 4
-                    )

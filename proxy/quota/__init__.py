@@ -1,0 +1,24 @@
+"""Per-key queues that pace sends to the key's quota, and the backends that hold its state.
+
+`engine.py` queues and paces (the product's own idea), `backend.py` says what a backend is,
+`local.py` keeps the state in this process and `redis.py` shares it between replicas (its
+Lua scripts are in `lua/`).
+"""
+
+from proxy.quota.backend import QuotaBackend, Reservation, Usage, next_reset, utc_day
+from proxy.quota.engine import KeyQueue, Limits, QuotaEngine, Ticket
+from proxy.quota.local import FLUSH_INTERVAL, LocalBackend
+
+__all__ = [
+    "FLUSH_INTERVAL",
+    "KeyQueue",
+    "Limits",
+    "LocalBackend",
+    "QuotaBackend",
+    "QuotaEngine",
+    "Reservation",
+    "Ticket",
+    "Usage",
+    "next_reset",
+    "utc_day",
+]

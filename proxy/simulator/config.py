@@ -1,0 +1,120 @@
+"""The simulator's settings and the fixed facts it imitates (paths, token lifetimes, limits)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from proxy.upstream_errors import MASHERY_OVER_QPS, MASHERY_OVER_RATE
+
+Window = Literal["rolling", "fixed"]
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 9000
+DEFAULT_QPS: Final = 4
+DEFAULT_DAILY_QUOTA: Final = 10_000
+WINDOWS: Final[tuple[Window, ...]] = ("rolling", "fixed")
+
+# The bucket every v3 call without a readable client id shares, as one unknown application.
+V3_SHARED_BUCKET: Final = "v3"
+STATS_PATH: Final = "/__sim__/stats"
+RESET_PATH: Final = "/__sim__/reset"
+# The authorization server's endpoints, at the same paths as authz.constantcontact.com's.
+OAUTH_AUTHORIZE_PATH: Final = "/oauth2/default/v1/authorize"
+OAUTH_TOKEN_PATH: Final = "/oauth2/default/v1/token"
+# Test levers: end every issued access token now; forget every refresh token too.
+OAUTH_EXPIRE_PATH: Final = "/__sim__/oauth/expire"
+OAUTH_REVOKE_PATH: Final = "/__sim__/oauth/revoke"
+DEFAULT_TOKEN_TTL: Final = 86_400.0  # Constant Contact's access tokens live 24 hours
+# The real token endpoint takes 1 request per second per application.
+TOKEN_ENDPOINT_QPS: Final = 1
+_CODE_TTL: Final = 300.0
+_TOKEN_HISTORY: Final = 1_000
+_OFFLINE_ACCESS: Final = "offline_access"
+
+# Enough history for a long benchmark while bounding memory (a float and a slot each).
+ARRIVAL_HISTORY: Final = 1_000_000
+# Well above Constant Contact's 4 MB import limit, so the stand-in is never the reason a
+# large upload fails in a test of the proxy.
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
+
+SPAN: Final = 1.0  # seconds: the span the per-second quota and the busiest-second stats use
+_SECONDS_PER_DAY: Final = 86_400
+_JSON: Final = "application/json"
+# The per-key ("developer") variants: each simulated key is a Mashery developer key.
+_MASHERY_QPS_CODE: Final = MASHERY_OVER_QPS[0]
+_MASHERY_RATE_CODE: Final = MASHERY_OVER_RATE[0]
+
+
+def _require_int(value: int, flag: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum > 0 else "a non-negative integer"
+        raise ValueError(f"{flag} must be {kind}")
+
+
+def _require_seconds(value: float, flag: str, what: str = "a number of seconds") -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{flag} must be {what} >= 0")
+
+
+def _require_text(value: str | None, flag: str) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{flag} must not be empty")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the stand-in behaves: which credentials it demands, its limits and its latency.
+
+    Validated on construction; error messages name the command-line flag of the field.
+    """
+
+    api_key: str | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False)
+    qps: int = DEFAULT_QPS
+    window: Window = "rolling"
+    daily_quota: int = DEFAULT_DAILY_QUOTA
+    latency_in: float = 0.0
+    jitter_in: float = 0.0
+    latency_out: float = 0.0
+    jitter_out: float = 0.0
+    mashery_headers: bool = False
+    neighbour_qps: float = 0.0
+    neighbour_key: str | None = field(default=None, repr=False)
+    seed: int | None = None
+    oauth_client_id: str | None = field(default=None, repr=False)
+    oauth_client_secret: str | None = field(default=None, repr=False)
+    oauth_refresh_token: str | None = field(default=None, repr=False)
+    token_ttl: float = DEFAULT_TOKEN_TTL
+    rotate_refresh_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        _require_text(self.api_key, "--api-key")
+        _require_text(self.access_token, "--access-token")
+        _require_int(self.qps, "--qps", minimum=1)
+        if self.window not in WINDOWS:
+            raise ValueError(f"--window must be one of {', '.join(WINDOWS)}")
+        # 0 is allowed: it plays a key whose day is already used up.
+        _require_int(self.daily_quota, "--daily-quota", minimum=0)
+        _require_seconds(self.latency_in, "--latency-in")
+        _require_seconds(self.jitter_in, "--jitter-in")
+        _require_seconds(self.latency_out, "--latency-out")
+        _require_seconds(self.jitter_out, "--jitter-out")
+        _require_seconds(self.neighbour_qps, "--neighbour-qps", "a number of calls per second")
+        _require_text(self.neighbour_key, "--neighbour-key")
+        _require_text(self.oauth_client_id, "--oauth-client-id")
+        _require_text(self.oauth_client_secret, "--oauth-client-secret")
+        _require_text(self.oauth_refresh_token, "--oauth-refresh-token")
+        _require_seconds(self.token_ttl, "--token-ttl")
+        if self.token_ttl == 0:
+            raise ValueError("--token-ttl must be a number of seconds > 0")
+        if self.oauth_client_id is None and (
+            self.oauth_client_secret is not None or self.oauth_refresh_token is not None
+        ):
+            raise ValueError("--oauth-client-id is required with the other --oauth-* flags")
