@@ -53,6 +53,10 @@ def _run(coro: Coroutine[Any, Any, object]) -> None:
         uvloop.run(coro)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Entry point of `ctct-proxy` and `python -m proxy`; returns the exit status."""
     from proxy import logs
@@ -67,8 +71,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return EXIT_CONFIG
         logs.configure(config.log_format, config.log_level)
         from proxy.edge.server import serve
+        from proxy.errors import StartupError
 
-        _run(serve(config))
+        try:
+            _run(serve(config))
+        except (StartupError, OSError) as error:
+            print(f"ctct-proxy: error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_CONFIG
         return 0
     if args.command == "simulate":
         from proxy.edge.server import run_until_stopped

@@ -1,7 +1,20 @@
 """The proxy's own errors: a small tree, each knowing its status and Constant Contact error key.
 
 Raised anywhere on the request path; turned into a response in exactly one place
-(`app.error_middleware`), in the shape of the API generation the client called.
+(`edge.middleware.edge_middleware`), in the shape of the API generation the client called.
+
+    Exception
+    ├── StartupError             the proxy cannot start: one line, exit 2 (state files, dirs)
+    └── ProxyError (500)         answered by the proxy itself, in Constant Contact's shape
+        ├── NotFound (404), BadRequest (400), MethodNotAllowed (405)
+        ├── BodyTooLarge (413), BodyTimeout (408), ClientUnauthorized (401)
+        ├── Throttled (429)      the key's quota: Retry-After, the upstream's error_key kept
+        ├── UpstreamUnreachable (502)
+        │   ├── CredentialsNeedAttention   the proxy's OAuth refresh failed
+        │   └── ConnectionLost             broke after the request may have been sent
+        ├── UpstreamTimeout (504)
+        ├── Unavailable (503)    shutting down, or a bound on the proxy's memory reached
+        └── AnswerCut            a fault after the answer started: the connection is cut
 """
 
 from __future__ import annotations
@@ -10,6 +23,10 @@ import math
 from typing import ClassVar
 
 from proxy.upstream_errors import Generation, QuotaKind, cc_error_body, error_key_for
+
+
+class StartupError(Exception):
+    """The proxy cannot start (an unusable state file or directory); the message is one line."""
 
 
 class ProxyError(Exception):
@@ -159,3 +176,27 @@ class Unavailable(ProxyError):
     status = 503
     v2_key = "http.status.service_unavailable"
     v3_key = "service_unavailable"
+
+
+class ConnectionLost(UpstreamUnreachable):
+    """The upstream connection broke after the request may have reached the application."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "The connection to the Constant Contact API was lost; the request may or may not "
+            "have been processed.",
+        )
+        self.detail = detail
+
+
+class AnswerCut(ProxyError):
+    """The upstream failed after the answer's status line went to the client.
+
+    Nothing more can be said to this client: the edge cuts the connection, so its HTTP
+    library reports an incomplete body, and never writes a second answer.
+    """
+
+    def __init__(self, detail: str, status: int) -> None:
+        super().__init__(f"The answer was cut short: {detail}", outcome="cut")
+        self.detail = detail
+        self.seen_status = status  # what the client was already told

@@ -19,7 +19,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import redact
-from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    AnswerCut,
+    BadRequest,
+    ConnectionLost,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.upstream_errors import Generation
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones still seen in the wild.
@@ -44,8 +50,6 @@ _RESPONSE_OWN = frozenset({"content-length"})
 _REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_OWN
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-# What the proxy keeps of an upstream answer that might be a quota error, to classify it.
-QUOTA_BODY_LIMIT = 64 * 1024
 # Short pause before re-trying a connection that could not be made (nothing was sent).
 CONNECT_RETRY_PAUSE = 0.2
 CONNECT_RETRIES = 2
@@ -202,45 +206,61 @@ class Upstream:
                 raise ConnectionLost(redact(f"{type(exc).__name__}: {exc}")) from None
 
 
-class ConnectionLost(UpstreamUnreachable):
-    """The upstream connection broke after the request may have reached the application."""
+async def read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to `limit` bytes of the upstream's body: all of it when it is shorter.
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(
-            "The connection to the Constant Contact API was lost; the request may or may not "
-            "have been processed.",
-        )
-        self.detail = detail
+    Raises ConnectionLost when the body breaks off, UpstreamTimeout when it stalls.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            chunk = await upstream.content.read(limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeout("The Constant Contact API did not answer in time.") from None
+    except aiohttp.ClientError as exc:
+        raise ConnectionLost(redact(f"{type(exc).__name__}: {exc}")) from None
+    return b"".join(chunks)
 
 
 async def stream_back(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     extra: Iterable[tuple[str, str]],
-    buffered: bytes | None = None,
+    prefix: bytes | None = None,
 ) -> web.StreamResponse:
-    """Send the upstream's status, headers and body to the client as they come."""
+    """Send the upstream's status, headers and body to the client as they come.
+
+    `prefix` is what was already read of the body (to classify it); the rest is streamed
+    after it. Once the status line is out, a fault in the upstream's body raises AnswerCut:
+    the edge then cuts the client's connection instead of writing anything more.
+    """
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     # Filled in place: handing headers to the constructor would copy them once more.
     headers = response.headers
     _copy_response_headers(upstream.headers, headers)
     headers.extend(extra)
     length = upstream.headers.get("Content-Length")
-    if buffered is not None:
-        response.content_length = len(buffered)
+    whole = prefix is not None and upstream.content.at_eof()
+    if whole:
+        response.content_length = len(prefix or b"")
     elif length is not None and length.isdigit():
         response.content_length = int(length)
     await response.prepare(request)
-    if buffered is not None:
-        if buffered:
-            await response.write(buffered)
-    elif request.method != "HEAD" and upstream.status not in (204, 304):
-        try:
+    try:
+        if prefix:
+            await response.write(prefix)
+        if not whole and request.method != "HEAD" and upstream.status not in (204, 304):
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError):
-            # Headers are gone already; all that is left is to cut the body short.
-            upstream.close()
-            raise
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        # The status line is gone already: all that is left is to cut the answer short.
+        upstream.close()
+        kind = "stalled" if isinstance(exc, TimeoutError) else type(exc).__name__
+        raise AnswerCut(redact(f"{kind}: {exc}"), upstream.status) from None
     await response.write_eof()
     return response

@@ -6,8 +6,10 @@ so the simulator that imitates them and the proxy that recognises them cannot dr
 
 from __future__ import annotations
 
+import email.utils
 import enum
 import json
+import re
 from collections.abc import Mapping
 from typing import Literal
 
@@ -70,14 +72,32 @@ def cc_error_body(generation: Generation, error_key: str, message: str) -> bytes
     return json.dumps(payload).encode()
 
 
+# The documented Mashery page's heading for each quota kind (an HTML/XML body, no JSON).
+_MASHERY_PAGE = re.compile(rb"<h1>\s*(developer|service) over (qps|rate)\s*</h1>", re.IGNORECASE)
+_QUOTA_KEYS = {
+    V2_OVER_QPS: QuotaKind.PER_SECOND,
+    V3_THROTTLED: QuotaKind.PER_SECOND,
+    V2_OVER_RATE: QuotaKind.DAILY,
+    V3_QUOTA_EXCEEDED: QuotaKind.DAILY,
+}
+# Larger bodies are never a gateway's quota error (the documented ones are < 200 bytes).
+QUOTA_BODY_LIMIT = 64 * 1024
+
+
 def classify(
-    generation: Generation, status: int, headers: Mapping[str, str], body: bytes
+    generation: Generation,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    path: str = "",
 ) -> QuotaKind:
     """Say whether an upstream answer is a per-second or daily quota rejection, or neither.
 
-    A quota error is recognised by the Mashery header or by the body, so that either
-    form of the gateway is understood; a 403 with neither signal is an authorisation
-    failure and must pass through untouched.
+    Only the gateway's documented signals count: Mashery's `X-Mashery-Error-Code` values,
+    the `error_key` of a JSON body of the documented shapes (a v2 array of
+    {error_key, error_message}, a v3 object), and the documented Mashery page. A phrase in a
+    body is not a signal: everything else (an application's own 403 or 429, v3's 429 for
+    1,000 queued bulk activities, whose error_key differs) passes through untouched.
     """
     if status not in (403, 429):
         return QuotaKind.NONE
@@ -86,12 +106,53 @@ def classify(
         return QuotaKind.PER_SECOND
     if code in MASHERY_OVER_RATE:
         return QuotaKind.DAILY
-    text = body[:4096].decode("utf-8", "replace").lower()
-    if V2_OVER_QPS in text or "over qps" in text or f'"{V3_THROTTLED}"' in text:
-        return QuotaKind.PER_SECOND
-    if V2_OVER_RATE in text or "over rate" in text or f'"{V3_QUOTA_EXCEEDED}"' in text:
-        return QuotaKind.DAILY
-    if status == 429 and generation == "v3" and not text.strip():
+    if len(body) > QUOTA_BODY_LIMIT:
+        return QuotaKind.NONE
+    kind = _json_quota_kind(body)
+    if kind is not None:
+        return kind
+    page = _MASHERY_PAGE.search(body) if b"<" in body else None
+    if page is not None and status == 403:
+        return QuotaKind.PER_SECOND if page.group(2).lower() == b"qps" else QuotaKind.DAILY
+    bare = not body.strip()
+    if bare and status == 429 and generation == "v3" and "/activities" not in path:
         # A bare v3 429 is the gateway's throttle without its body.
         return QuotaKind.PER_SECOND
     return QuotaKind.NONE
+
+
+def _json_quota_kind(body: bytes) -> QuotaKind | None:
+    """The quota kind named by a documented error body's error_key; None if it names none."""
+    stripped = body.lstrip()
+    if stripped[:1] not in (b"[", b"{"):
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    entries = payload if isinstance(payload, list) else [payload]
+    for entry in entries:
+        if isinstance(entry, dict) and set(entry) <= {"error_key", "error_message"}:
+            kind = _QUOTA_KEYS.get(entry.get("error_key"))  # type: ignore[arg-type]
+            if kind is not None:
+                return kind
+    return None
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a `Retry-After` value (delay-seconds or an HTTP-date), or None.
+
+    Callers bound the result: a number from outside is never trusted as it is.
+    """
+    if not value:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(text[:12])
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)

@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import logs
-from proxy.app import BODY_RATE_FLOOR, make_app
+from proxy.app import make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, query_param_values, redact
@@ -36,6 +36,7 @@ from proxy.edge.server import (
     MAX_REQUEST_TARGET,
     runner_options,
 )
+from proxy.exchange import BODY_RATE_FLOOR
 from tests.conftest import (
     Recorder,
     ServerFactory,

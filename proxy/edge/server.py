@@ -133,8 +133,10 @@ async def serve(config: Config, ready: Callable[[str, int], None] | None = None)
         if ready is not None:
             ready(host, port)
 
+    # The app answers what is still in flight when the grace is over (app._on_shutdown);
+    # aiohttp's own wait, a little longer, only backs that up.
     await run_until_stopped(
-        make_app(config), config.host, config.port, config.shutdown_grace, listening
+        make_app(config), config.host, config.port, config.shutdown_grace + 0.5, listening
     )
 
 
@@ -147,9 +149,14 @@ async def run_until_stopped(
 ) -> None:
     """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
     runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout, **runner_options())
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        # Close exactly the resources that had started before the failure.
+        await runner.cleanup()
+        raise
     ready(host, _bound_port(runner) or port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from proxy.clock import Clock, SystemClock
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, TokenSource, fingerprint, redact
 from proxy.errors import CredentialsNeedAttention
+from proxy.files import atomic_write
 from proxy.logs import get_logger
 
 if sys.platform != "win32":
@@ -247,22 +247,7 @@ class FileTokenStore:
 
     def write(self, tokens: TokenSet) -> None:
         """`save`, blocking."""
-        directory = self.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkstemp creates the file 0600, so the tokens are never readable by others.
-        fd, temp = tempfile.mkstemp(prefix=".oauth-tokens.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(tokens.to_json(), handle, indent=2)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        _fsync_directory(directory)
+        atomic_write(self.path, (json.dumps(tokens.to_json(), indent=2) + "\n").encode())
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -292,16 +277,6 @@ class FileTokenStore:
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible (nor needed) on every platform.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def state_path(config: Config) -> Path:

@@ -42,6 +42,11 @@ EASE_CALM = 0.05
 # A send this much later than its slot pushes the next slot back (the next send is spaced
 # from the actual one, so a late send never squeezes the next).
 LATE = 0.002
+# A ticket whose deadline passed while its slot was due is still granted this much later.
+DEFER_SLACK = 0.05
+# A gateway's Retry-After on a per-second rejection holds the key at most this long: the
+# per-second window is one second, and a number from outside is never trusted unbounded.
+MAX_HOLD = 10.0
 # Past this many keys' queues, idle ones are forgotten when a new key arrives.
 MAX_QUEUES = 10_000
 
@@ -63,6 +68,7 @@ class Ticket:
     timer: Timer | None = None
     granted_at: float | None = None
     replays: int = 0
+    deferred: bool = False  # its deadline passed while its slot was due: the pump decides
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +123,8 @@ class KeyQueue:
         """Seconds between this key's sends now: `spacing`, or the backend's wider share of it."""
         return max(self.spacing, self._paced)
 
-    def admit(self, budget: float) -> Ticket:
-        """Queue a request that may wait `budget` seconds, or raise Throttled at once."""
+    def check(self, budget: float) -> None:
+        """Raise Throttled if a request that may wait `budget` seconds would be refused now."""
         clock, limits = self._clock, self._limits
         wall = clock.time()
         if self.blocked_until is not None:
@@ -150,6 +156,11 @@ class KeyQueue:
                 f"Retry after {_seconds(wait)} seconds.",
                 retry_after=wait,
             )
+
+    def admit(self, budget: float) -> Ticket:
+        """Queue a request that may wait `budget` seconds, or raise Throttled at once."""
+        self.check(budget)
+        clock = self._clock
         now = clock.monotonic()
         loop = asyncio.get_running_loop()
         ticket = Ticket(loop.create_future(), deadline=now + budget, enqueued=now)
@@ -182,6 +193,16 @@ class KeyQueue:
     def _expire(self, ticket: Ticket) -> None:
         if ticket.state is not TicketState.QUEUED or ticket.future.done():
             return
+        if self._head() is ticket and self.predicted_wait(0) <= LATE and not ticket.deferred:
+            # The slot is free now and this ticket is next: the pump may simply not have run
+            # yet (a `Prefer: wait=0` budget expires at once). Let the pump decide: it grants
+            # the ticket if it gets there within DEFER_SLACK of the deadline, else expires it.
+            ticket.deferred = True
+            return
+        self.throttle_expired(ticket)
+
+    def throttle_expired(self, ticket: Ticket) -> None:
+        """Answer a ticket whose wait budget ran out 429 (with the wait a new request faces)."""
         self.leave(ticket)
         wait = self.predicted_wait(0)
         ticket.future.set_exception(
@@ -216,11 +237,12 @@ class KeyQueue:
     async def replay(self, ticket: Ticket, retry_after: float | None, error_key: str) -> None:
         """Put a ticket the gateway rejected for per-second quota back at the head.
 
-        Backs the key's spacing off and holds its next send; raises Throttled (keeping the
-        upstream's error key) when the ticket's deadline cannot be met.
+        Backs the key's spacing off and holds its next send (on every replica), for at most
+        MAX_HOLD seconds whatever the upstream's Retry-After says; raises Throttled (keeping
+        the upstream's error key) when the ticket's deadline cannot be met.
         """
         self.spacing = min(self.spacing * BACKOFF, self._limits.spacing * MAX_BACKOFF)
-        hold = max(retry_after or 0.0, self.spacing)
+        hold = min(max(retry_after or 0.0, self.spacing), MAX_HOLD)
         now = self._clock.monotonic()
         self._last_rejection = now
         self._not_before = max(self._not_before, now + hold)
@@ -235,6 +257,22 @@ class KeyQueue:
                 error_key=error_key,
             )
         ticket.replays += 1
+        self._requeue_at_head(ticket)
+
+    def retry(self, ticket: Ticket) -> bool:
+        """Put a sent ticket back at the head without touching the key's pacing.
+
+        For a send that told nothing about the quota (a lost connection, a renewed token):
+        the key's spacing and holds stay as they are. False, and the ticket is given up, when
+        the next slot would come after its deadline.
+        """
+        if self._clock.monotonic() + self.predicted_wait(0) > ticket.deadline:
+            self.leave(ticket)
+            return False
+        self._requeue_at_head(ticket)
+        return True
+
+    def _requeue_at_head(self, ticket: Ticket) -> None:
         ticket.state = TicketState.QUEUED
         ticket.future = asyncio.get_running_loop().create_future()
         self._tickets.appendleft(ticket)
@@ -301,10 +339,16 @@ class KeyQueue:
                 await backend.give_back(key, reservation, spacing)
                 self.sent_today = max(0, self.sent_today - 1)
                 break
+            now = clock.monotonic()
+            if ticket.deferred and now > ticket.deadline + DEFER_SLACK:
+                # Its slot came later than it looked when the deadline passed: 429, and the
+                # reserved slot goes to the next ticket.
+                self.throttle_expired(ticket)
+                await backend.give_back(key, reservation, spacing)
+                continue
             self._tickets.popleft()
             self.queued -= 1
             ticket.state = TicketState.GRANTED
-            now = clock.monotonic()
             ticket.granted_at = now
             ticket.future.set_result(None)
             if now - slot_at > LATE:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.clock import Clock
-from proxy.quota.backend import Mode, Reservation, Usage, next_reset, utc_day
+from proxy.errors import StartupError
+from proxy.files import atomic_write
+from proxy.logs import get_logger
+from proxy.quota.backend import DAY, Mode, Reservation, Usage, next_reset, utc_day
 from proxy.upstream_errors import QuotaKind
+
+log = get_logger("proxy.quota")
 
 # How often the day's counts are written to the state file, at most.
 FLUSH_INTERVAL = 0.5
@@ -93,20 +96,43 @@ class LocalBackend:
         return Usage(state.sent, paused)
 
     def _load(self, path: Path) -> None:
+        """Read the day's counts; StartupError when the file cannot be trusted.
+
+        A count that cannot be read could have been anything up to the quota: starting at 0
+        would overspend, so the proxy refuses to start and says which file to fix or remove.
+        A pause beyond the next reset is cut to a day (a pause never outlasts one).
+        """
         try:
-            data = json.loads(path.read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             return
-        except (OSError, ValueError):
-            # A torn or foreign file: start the day's counts afresh rather than refuse to start.
-            return
-        today = utc_day(self._clock.time())
-        for key, entry in data.get("keys", {}).items():
-            if entry.get("day") == today:
+        except OSError as exc:
+            raise StartupError(f"state file {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise StartupError(
+                f"state file {path} is not valid JSON (torn or foreign): today's counts cannot "
+                "be known; restore it, or remove it to count today from 0"
+            ) from None
+        keys = data.get("keys") if isinstance(data, dict) else None
+        if not isinstance(keys, dict):
+            raise StartupError(f"state file {path} has no 'keys' object; restore or remove it")
+        wall = self._clock.time()
+        today = utc_day(wall)
+        for key, entry in keys.items():
+            day, sent, paused = _entry(entry)
+            if day is None or sent is None or paused is None:
+                raise StartupError(
+                    f"state file {path}: the entry of key {str(key)[:16]!r} is not "
+                    "{day, sent >= 0, paused_until}; restore or remove the file"
+                )
+            if paused > wall + DAY:
+                log.warning("state_pause_cut", key=key, paused_until=paused, until=wall + DAY)
+                paused = wall + DAY
+            if day == today or paused > wall:
                 self._keys[key] = _LocalKey(
-                    day=today,
-                    sent=int(entry.get("sent", 0)),
-                    paused_until=float(entry.get("paused_until", 0.0)),
+                    day=day, sent=sent if day == today else 0, paused_until=paused
                 )
 
     def flush(self) -> None:
@@ -126,15 +152,26 @@ class LocalBackend:
                 for key, s in self._keys.items()
             }
         }
-        directory = self._state_file.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".daily-", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh)
-            os.replace(tmp, self._state_file)
+            atomic_write(self._state_file, json.dumps(payload).encode())
         except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             self._dirty = True
             raise
+
+
+def _entry(entry: object) -> tuple[int | None, int | None, float | None]:
+    """A state entry's day, count and pause, each None when it is not of the right kind."""
+    if not isinstance(entry, dict):
+        return None, None, None
+    day, sent, paused = entry.get("day"), entry.get("sent", 0), entry.get("paused_until", 0.0)
+    ok_day = day if isinstance(day, int) and not isinstance(day, bool) and day >= 0 else None
+    ok_sent = sent if isinstance(sent, int) and not isinstance(sent, bool) and sent >= 0 else None
+    ok_paused = (
+        float(paused)
+        if isinstance(paused, int | float)
+        and not isinstance(paused, bool)
+        and math.isfinite(paused)
+        and paused >= 0
+        else None
+    )
+    return ok_day, ok_sent, ok_paused
