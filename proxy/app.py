@@ -135,6 +135,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+    # aiohttp re-sends an idempotent request once by itself when a pooled connection breaks:
+    # a send outside the key's pacing. The exchange decides about every send, so it is off.
+    session._retry_connection = False
     app[SESSION] = session
     try:
         yield

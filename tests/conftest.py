@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -161,3 +161,32 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Callable[[str], list[dict[str, Any]]]]:
+    """The proxy's JSON log during the test; call it with an event name to get those lines."""
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from proxy import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    sink = logs._SINK
+    saved_sink = (sink.stream, sink.level, sink.render)
+    stream = io.StringIO()
+    logs.configure("json", "debug", stream=stream)
+
+    def lines(event: str) -> list[dict[str, Any]]:
+        parsed = [json.loads(x) for x in stream.getvalue().splitlines() if x.startswith("{")]
+        return [x for x in parsed if x.get("event") == event]
+
+    yield lines
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    sink.stream, sink.level, sink.render = saved_sink
+    structlog.reset_defaults()
