@@ -18,8 +18,9 @@ from proxy.errors import StartupError
 from proxy.quota import LocalBackend
 from proxy.quota.engine import MAX_HOLD
 from proxy.quota.redis import redis_keys
+from proxy.simulator import SimulatorConfig, make_simulator_app
 from proxy.state import STATE
-from tests.conftest import StartProxy, proxy_config
+from tests.conftest import ServerFactory, StartProxy, proxy_config
 from tests.fakes import FakeClock
 from tests.faults import Fault, FaultyUpstream, answer
 from tests.redis_server import RedisServer
@@ -295,3 +296,34 @@ async def test_an_unreadable_token_file_starts_loudly_and_is_kept(
     assert (state / "oauth-tokens.json").read_text() == '{"version": 1, "refresh_tok'
     [warning] = log_lines("oauth_state_unreadable")
     assert "oauth-tokens.json" in warning["error"]
+
+
+@pytest.mark.parametrize("fault", ["truncate", "reset", "stall"])
+async def test_the_simulators_faults_reproduce_a_cut_answer(
+    fault: str, start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """`ctct-proxy simulate --fault …` lets a user see what the proxy does with a broken body."""
+    sim = await start_server(make_simulator_app(SimulatorConfig(fault=fault, fault_every=2)))
+    _, proxy = await start_proxy(proxy_config(tmp_path, sim.make_url(""), upstream_timeout=0.5))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy / "v3/contacts") as response:
+            assert response.status == 200
+            await response.read()  # the first call is fine
+        async with http.get(proxy / "v3/contacts") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+
+
+@pytest.mark.parametrize(("fault", "status"), [("app-403", 403), ("huge-retry-after", 429)])
+async def test_the_simulators_quota_lookalikes(
+    fault: str, status: int, start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    sim = await start_server(make_simulator_app(SimulatorConfig(fault=fault)))
+    _, proxy = await start_proxy(proxy_config(tmp_path, sim.make_url(""), max_wait=2.0))
+    async with aiohttp.ClientSession() as http, http.get(proxy / "v3/contacts") as response:
+        assert response.status == status
+        if fault == "app-403":
+            assert "Hover QPS" in (await response.json())["error_message"]
+        else:
+            assert int(response.headers["Retry-After"]) <= MAX_HOLD

@@ -10,6 +10,7 @@ from proxy.simulator.config import (
     DEFAULT_PORT,
     DEFAULT_QPS,
     DEFAULT_TOKEN_TTL,
+    FAULTS,
     WINDOWS,
     SimulatorConfig,
 )
@@ -74,6 +75,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="each refresh returns a new refresh token and invalidates the old one",
     )
+    parser.add_argument(
+        "--fault",
+        choices=FAULTS,
+        help="misbehave like a broken upstream: truncate, reset or stall the body mid-way, "
+        "answer an application 403 that mentions QPS, or a quota error with a huge Retry-After",
+    )
+    parser.add_argument(
+        "--fault-every", type=int, default=1, help="misbehave on every Nth accepted call"
+    )
 
 
 def simulator_config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
@@ -98,6 +108,8 @@ def simulator_config_from_args(ns: argparse.Namespace) -> SimulatorConfig:
         seed=ns.seed,
         oauth_client_id=ns.oauth_client_id,
         oauth_client_secret=ns.oauth_client_secret,
+        fault=ns.fault,
+        fault_every=ns.fault_every,
         oauth_refresh_token=ns.oauth_refresh_token,
         token_ttl=ns.token_ttl,
         rotate_refresh_tokens=ns.rotate_refresh_tokens,

@@ -15,6 +15,10 @@ DEFAULT_PORT: Final = 9000
 DEFAULT_QPS: Final = 4
 DEFAULT_DAILY_QUOTA: Final = 10_000
 WINDOWS: Final[tuple[Window, ...]] = ("rolling", "fixed")
+# truncate: Content-Length promises more than is sent, then close; reset: the same, then a TCP
+# RST; stall: half the body, then nothing for a minute; app-403: an application's own 403
+# whose text mentions "QPS"; huge-retry-after: a quota rejection with Retry-After: 999999999.
+FAULTS: Final = ("truncate", "reset", "stall", "app-403", "huge-retry-after")
 
 # The bucket every v3 call without a readable client id shares, as one unknown application.
 V3_SHARED_BUCKET: Final = "v3"
@@ -93,8 +97,15 @@ class SimulatorConfig:
     oauth_refresh_token: str | None = field(default=None, repr=False)
     token_ttl: float = DEFAULT_TOKEN_TTL
     rotate_refresh_tokens: bool = False
+    # Misbehave on every `fault_every`-th accepted call (FAULTS says how), to reproduce what a
+    # real network and server can do to the proxy.
+    fault: str | None = None
+    fault_every: int = 1
 
     def __post_init__(self) -> None:
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"--fault must be one of {', '.join(FAULTS)}")
+        _require_int(self.fault_every, "--fault-every", minimum=1)
         _require_text(self.api_key, "--api-key")
         _require_text(self.access_token, "--access-token")
         _require_int(self.qps, "--qps", minimum=1)

@@ -13,6 +13,8 @@ import enum
 import hashlib
 import json
 import random
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -323,6 +325,7 @@ class Simulator:
         self._v2_inactive = _canned("v2", 403, V2_INACTIVE, V2_INACTIVE_MESSAGE)
         self._v2_invalid_token = _canned("v2", 401, V2_INVALID_TOKEN, V2_INVALID_TOKEN_MESSAGE)
         self._v3_unauthorized = _canned("v3", 401, V3_UNAUTHORIZED, V3_UNAUTHORIZED_MESSAGE)
+        self._accepted_calls = 0
         self._rejections: dict[Generation, dict[Verdict, _Canned]] = {
             "v2": {
                 Verdict.OVER_QPS: _canned(
@@ -398,7 +401,7 @@ class Simulator:
         request: web.Request,
         generation: Generation,
         check: Callable[[web.Request], str | _Refusal],
-    ) -> web.Response:
+    ) -> web.StreamResponse:
         # Read the whole body first: the gateway sees a request once it has fully arrived.
         body = await request.read()
         await _travel(self._delay(self.config.latency_in, self.config.jitter_in))
@@ -408,12 +411,51 @@ class Simulator:
             answer = checked.answer.response()
         else:
             verdict = self.ledger.arrive(checked)
+            if verdict is Verdict.ACCEPTED and self._misbehave_now():
+                await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
+                return await self._fault(request, _echo(request, body, generation), generation)
             if verdict is Verdict.ACCEPTED:
                 answer = _echo(request, body, generation)
             else:
                 answer = self._rejections[generation][verdict].response()
         await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
         return answer
+
+    def _misbehave_now(self) -> bool:
+        if self.config.fault is None:
+            return False
+        self._accepted_calls += 1
+        return self._accepted_calls % self.config.fault_every == 0
+
+    async def _fault(
+        self, request: web.Request, echo: web.Response, generation: Generation
+    ) -> web.StreamResponse:
+        """Answer the way `--fault` says a broken upstream would."""
+        fault = self.config.fault
+        if fault == "app-403":
+            text = "Hover QPS testers are not enabled for this account."
+            return web.json_response({"error_key": "forbidden", "error_message": text}, status=403)
+        if fault == "huge-retry-after":
+            over = self._rejections[generation][Verdict.OVER_QPS].response()
+            over.headers["Retry-After"] = "999999999"
+            return over
+        body = echo.body if isinstance(echo.body, bytes) else b"{}"
+        response = web.StreamResponse(status=200)
+        response.content_type = "application/json"
+        response.content_length = len(body) + 64
+        await response.prepare(request)
+        await response.write(body[: max(1, len(body) // 2)])
+        transport = request.transport
+        if fault == "stall":
+            await asyncio.sleep(60)
+        elif transport is not None and fault == "reset":
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        elif transport is not None:
+            transport.close()
+        return response
 
     async def handle_v2(self, request: web.Request) -> web.StreamResponse:
         """Any method on `/v2/...`: api_key (and token) checks, then quota, then the echo."""
