@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NewType
 from urllib.parse import quote, unquote
 
 API_KEY_PARAM = "api_key"
@@ -105,13 +106,18 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(_wire(a), _wire(b))
 
 
+Fingerprint = NewType("Fingerprint", str)
+"""A key's short stable name (12 hex digits of its SHA-256): what queues, backends, Redis,
+logs and pages use. A raw key is a plain `str`, so mypy refuses one where this belongs."""
+
+
 @functools.lru_cache(maxsize=1024)
-def fingerprint(key: str) -> str:
+def fingerprint(key: str) -> Fingerprint:
     """A short stable name for a key, safe to log, export and store."""
     if key in (NO_KEY, V3_SHARED_BUCKET):
-        return key
+        return Fingerprint(key)
     # The same 12 hex digits the simulator shows, so both sides' stats line up.
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Fingerprint(hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
 # A JWT payload longer than this is not one of ours to read (Constant Contact's are < 1 KiB).

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.credentials import Fingerprint
 from proxy.errors import Throttled, Unavailable
 from proxy.quota import Limits, LocalBackend, QuotaEngine, Ticket, next_reset
 from proxy.upstream_errors import QuotaKind
@@ -161,15 +162,15 @@ async def test_keys_of_an_earlier_day_are_forgotten_unless_paused(tmp_path: Path
     state = tmp_path / "daily.json"
     backend = LocalBackend(clock, state)
     for key in ("yesterday-only", "both-days"):
-        await backend.reserve(key, 0.25, 100)
-    await backend.pause("paused", clock.time() + 2 * 86400)
+        await backend.reserve(Fingerprint(key), 0.25, 100)
+    await backend.pause(Fingerprint("paused"), clock.time() + 2 * 86400)
     await clock.advance(86400)  # the next day
-    await backend.reserve("both-days", 0.25, 100)
+    await backend.reserve(Fingerprint("both-days"), 0.25, 100)
     backend.flush()
     kept = set(json.loads(state.read_text())["keys"])
     assert kept == {"both-days", "paused"}
-    assert (await backend.usage("both-days")).sent_today == 1
-    assert (await backend.usage("paused")).paused_until is not None
+    assert (await backend.usage(Fingerprint("both-days"))).sent_today == 1
+    assert (await backend.usage(Fingerprint("paused"))).paused_until is not None
 
 
 async def test_max_queue_bounds_each_key() -> None:

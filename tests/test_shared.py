@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from proxy.config import Config
-from proxy.credentials import Secret, fingerprint
+from proxy.credentials import Fingerprint, Secret, fingerprint
 from proxy.errors import Throttled
 from proxy.quota import Limits, QuotaEngine, next_reset
 from proxy.quota.redis import RedisBackend, fallback_spacing, redis_keys
@@ -72,7 +72,7 @@ async def test_reservations_are_atomic_and_ordered_across_replicas(
 ) -> None:
     trio = [await backends(redis_server.url) for _ in range(3)]
     results = await asyncio.gather(
-        *(b.reserve("k-atomic", 0.25, 25) for b in trio for _ in range(10))
+        *(b.reserve(Fingerprint("k-atomic"), 0.25, 25) for b in trio for _ in range(10))
     )
     granted = [r for r in results if r.blocked_until is None]
     refused = [r for r in results if r.blocked_until is not None]
@@ -89,21 +89,21 @@ async def test_reservations_are_atomic_and_ordered_across_replicas(
     for r in refused:
         assert r.kind is QuotaKind.DAILY and r.blocked_until == pytest.approx(reset)
         assert r.sent_today == 25
-    assert (await trio[2].usage("k-atomic")).sent_today == 25
+    assert (await trio[2].usage(Fingerprint("k-atomic"))).sent_today == 25
 
 
 async def test_give_back_returns_the_slot_only_if_it_is_still_the_last(
     redis_server: RedisServer, backends: MakeBackend
 ) -> None:
     a, b = await backends(redis_server.url), await backends(redis_server.url)
-    ra = await a.reserve("k-give", 0.25, 100)
-    rb = await b.reserve("k-give", 0.25, 100)
-    await a.give_back("k-give", ra, 0.25)  # b reserved after it: the slot is lost
-    rc = await b.reserve("k-give", 0.25, 100)
+    ra = await a.reserve(Fingerprint("k-give"), 0.25, 100)
+    rb = await b.reserve(Fingerprint("k-give"), 0.25, 100)
+    await a.give_back(Fingerprint("k-give"), ra, 0.25)  # b reserved after it: the slot is lost
+    rc = await b.reserve(Fingerprint("k-give"), 0.25, 100)
     assert rc.slot == pytest.approx(rb.slot + 0.25, abs=1e-6)
     assert rc.sent_today == 2  # ...but its count came back
-    await b.give_back("k-give", rc, 0.25)  # still the last: the slot comes back too
-    rd = await a.reserve("k-give", 0.25, 100)
+    await b.give_back(Fingerprint("k-give"), rc, 0.25)  # still the last: the slot comes back too
+    rd = await a.reserve(Fingerprint("k-give"), 0.25, 100)
     assert rd.slot == pytest.approx(rc.slot, abs=1e-6)
     assert rd.sent_today == 2
 
@@ -112,15 +112,15 @@ async def test_hold_and_pause_on_one_replica_bind_the_others(
     redis_server: RedisServer, backends: MakeBackend
 ) -> None:
     a, b, c = [await backends(redis_server.url) for _ in range(3)]
-    await a.hold("k-hold", 5.0)
-    held = await b.reserve("k-hold", 0.25, 100)
+    await a.hold(Fingerprint("k-hold"), 5.0)
+    held = await b.reserve(Fingerprint("k-hold"), 0.25, 100)
     assert held.delay == pytest.approx(5.0, abs=0.1)
     until = time.time() + 3600
-    await a.pause("k-pause", until)
-    paused = await b.reserve("k-pause", 0.25, 100)
+    await a.pause(Fingerprint("k-pause"), until)
+    paused = await b.reserve(Fingerprint("k-pause"), 0.25, 100)
     assert paused.kind is QuotaKind.DAILY
     assert paused.blocked_until == pytest.approx(until, abs=0.01)
-    usage = await c.usage("k-pause")
+    usage = await c.usage(Fingerprint("k-pause"))
     assert usage.paused_until == pytest.approx(until, abs=0.01)
 
 
@@ -145,16 +145,16 @@ async def test_fallback_paces_alone_at_its_share_and_counts_for_everyone(
     backend = RedisBackend.from_config(config, clock)
     try:
         assert backend.mode() == "fallback"  # no contact yet
-        first = await backend.reserve("k", SPACING, 7)
+        first = await backend.reserve(Fingerprint("k"), SPACING, 7)
         # Other replicas may hold one slot each within 3 × spacing: wait until they are a
         # whole window past before the first lone send.
         assert first.delay == pytest.approx(3 * SPACING + 1.025)
-        second = await backend.reserve("k", SPACING, 7)
+        second = await backend.reserve(Fingerprint("k"), SPACING, 7)
         assert second.slot - first.slot == pytest.approx(1.025)
-        third = await backend.reserve("k", SPACING, 7)
+        third = await backend.reserve(Fingerprint("k"), SPACING, 7)
         assert third.blocked_until is None
         # Three sends here may be nine across three replicas: 0 + 3 × 3 ≥ 7.
-        fourth = await backend.reserve("k", SPACING, 7)
+        fourth = await backend.reserve(Fingerprint("k"), SPACING, 7)
         assert fourth.kind is QuotaKind.DAILY
         assert fourth.blocked_until == next_reset(clock.time())
     finally:
@@ -201,7 +201,7 @@ async def test_slow_redis_falls_back_within_the_call_timeout_and_comes_back(
     redis_server.freeze()
     try:
         started = time.monotonic()
-        reservation = await backend.reserve("k-slow", SPACING, 100)
+        reservation = await backend.reserve(Fingerprint("k-slow"), SPACING, 100)
         assert time.monotonic() - started < 0.5
         assert backend.mode() == "fallback"
         assert reservation.blocked_until is None
@@ -224,7 +224,7 @@ async def test_after_an_outage_the_first_back_keeps_to_its_share_until_the_other
     try:
         await backend.start()
         await redis_server.stop()
-        await backend.reserve("k-settle", SPACING, 100)
+        await backend.reserve(Fingerprint("k-settle"), SPACING, 100)
         assert backend.mode() == "fallback"
         await redis_server.start()
 
@@ -232,12 +232,12 @@ async def test_after_an_outage_the_first_back_keeps_to_its_share_until_the_other
             return backend.mode() == "shared"
 
         await wait_for(shared, timeout=2.0)
-        one = await backend.reserve("k-settle", SPACING, 100)
-        two = await backend.reserve("k-settle", SPACING, 100)
+        one = await backend.reserve(Fingerprint("k-settle"), SPACING, 100)
+        two = await backend.reserve(Fingerprint("k-settle"), SPACING, 100)
         assert two.slot - one.slot == pytest.approx(2 * SPACING, abs=1e-5)  # its fallback share
         await asyncio.sleep(1.1)  # nobody else came back within `settle`: full speed again
-        three = await backend.reserve("k-settle", SPACING, 100)
-        four = await backend.reserve("k-settle", SPACING, 100)
+        three = await backend.reserve(Fingerprint("k-settle"), SPACING, 100)
+        four = await backend.reserve(Fingerprint("k-settle"), SPACING, 100)
         assert four.slot - three.slot == pytest.approx(SPACING, abs=1e-5)
     finally:
         await backend.close()
@@ -255,7 +255,7 @@ async def test_redis_refusing_the_password_is_a_readiness_problem(
         assert problem is not None and "credentials" in problem
         assert "wrong-password" not in problem
         # Serving goes on, paced alone.
-        assert (await backend.reserve("k-auth", SPACING, 100)).blocked_until is None
+        assert (await backend.reserve(Fingerprint("k-auth"), SPACING, 100)).blocked_until is None
     finally:
         await server.stop()
 

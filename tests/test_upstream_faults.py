@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from yarl import URL
 
 from proxy.cli import main
-from proxy.credentials import Secret
+from proxy.credentials import Fingerprint, Secret
 from proxy.errors import StartupError
 from proxy.quota import LocalBackend
 from proxy.quota.engine import MAX_HOLD
@@ -256,7 +256,7 @@ def test_an_absurd_pause_is_cut_to_a_day(tmp_path: Path) -> None:
         tmp_path, json.dumps({"keys": {"abc": {"day": today, "sent": 9000, "paused_until": 1e308}}})
     )
     backend = LocalBackend(clock, path)
-    usage = backend._keys["abc"]
+    usage = backend._keys[Fingerprint("abc")]
     assert usage.sent == 9000
     assert usage.paused_until <= clock.time() + 86400
 

@@ -39,6 +39,7 @@ from proxy.credentials import Secret, TokenSource, fingerprint, redact
 from proxy.errors import CredentialsNeedAttention
 from proxy.files import atomic_write
 from proxy.logs import get_logger
+from proxy.upstream_errors import parse_retry_after
 
 if sys.platform != "win32":
     import fcntl
@@ -444,14 +445,18 @@ def _parse_failure(status: int, body: bytes, headers: Mapping[str, str]) -> Refr
     return RefreshFailed(error, status=status, description=description)
 
 
+# The token endpoint's own "come back later" is believed up to this many seconds.
+MAX_TOKEN_WAIT = 60.0
+
+
 def _rate_limit_wait(headers: Mapping[str, str]) -> float:
     """Seconds to wait after a 429: Retry-After, else Okta's X-Rate-Limit-Reset (epoch), else 1."""
-    retry_after = headers.get("Retry-After", "").strip()
-    if retry_after.isdigit():
-        return float(retry_after)
+    retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
+    if retry_after is not None:
+        return min(retry_after, MAX_TOKEN_WAIT)
     reset = headers.get("X-Rate-Limit-Reset", "").strip()
     if reset.isdigit():
-        return max(0.0, int(reset) - time.time())
+        return min(max(0.0, int(reset[:12]) - time.time()), MAX_TOKEN_WAIT)
     return 1.0
 
 

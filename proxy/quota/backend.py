@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from proxy.credentials import Fingerprint
 from proxy.upstream_errors import QuotaKind
 
 DAY = 86_400.0
@@ -54,23 +55,23 @@ class QuotaBackend(Protocol):
     Keys are fingerprints, never secrets. Each call is one atomic decision.
     """
 
-    async def reserve(self, key: str, spacing: float, daily_quota: int) -> Reservation:
+    async def reserve(self, key: Fingerprint, spacing: float, daily_quota: int) -> Reservation:
         """Take the next free send slot and count it toward today, or say why not."""
         ...
 
-    async def give_back(self, key: str, reservation: Reservation, spacing: float) -> None:
+    async def give_back(self, key: Fingerprint, reservation: Reservation, spacing: float) -> None:
         """Return a slot (and its count) that no request used."""
         ...
 
-    async def hold(self, key: str, seconds: float) -> None:
+    async def hold(self, key: Fingerprint, seconds: float) -> None:
         """Let no send of this key go before `seconds` from now."""
         ...
 
-    async def pause(self, key: str, until: float) -> None:
+    async def pause(self, key: Fingerprint, until: float) -> None:
         """Let no send of this key go before the epoch time `until` (a daily-quota pause)."""
         ...
 
-    async def usage(self, key: str) -> Usage:
+    async def usage(self, key: Fingerprint) -> Usage:
         """The key's count today and its pause, if any."""
         ...
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.clock import Clock
+from proxy.credentials import Fingerprint
 from proxy.errors import StartupError
 from proxy.files import atomic_write
 from proxy.logs import get_logger
@@ -37,13 +38,13 @@ class LocalBackend:
 
     def __init__(self, clock: Clock, state_file: Path | None = None) -> None:
         self._clock = clock
-        self._keys: dict[str, _LocalKey] = {}
+        self._keys: dict[Fingerprint, _LocalKey] = {}
         self._state_file = state_file
         self._dirty = False
         if state_file is not None:
             self._load(state_file)
 
-    def _key(self, key: str) -> _LocalKey:
+    def _key(self, key: Fingerprint) -> _LocalKey:
         state = self._keys.get(key)
         if state is None:
             state = self._keys[key] = _LocalKey(day=utc_day(self._clock.time()))
@@ -52,7 +53,7 @@ class LocalBackend:
             state.day, state.sent = day, 0
         return state
 
-    async def reserve(self, key: str, spacing: float, daily_quota: int) -> Reservation:
+    async def reserve(self, key: Fingerprint, spacing: float, daily_quota: int) -> Reservation:
         state = self._key(key)
         wall = self._clock.time()
         if state.paused_until > wall:
@@ -70,18 +71,18 @@ class LocalBackend:
         self._dirty = True
         return Reservation(slot - now, slot=slot, sent_today=state.sent)
 
-    async def give_back(self, key: str, reservation: Reservation, spacing: float) -> None:
+    async def give_back(self, key: Fingerprint, reservation: Reservation, spacing: float) -> None:
         state = self._key(key)
         if abs(state.next_free - (reservation.slot + spacing)) < 1e-9:
             state.next_free = reservation.slot
         state.sent = max(0, state.sent - 1)
         self._dirty = True
 
-    async def hold(self, key: str, seconds: float) -> None:
+    async def hold(self, key: Fingerprint, seconds: float) -> None:
         state = self._key(key)
         state.next_free = max(state.next_free, self._clock.monotonic() + seconds)
 
-    async def pause(self, key: str, until: float) -> None:
+    async def pause(self, key: Fingerprint, until: float) -> None:
         state = self._key(key)
         state.paused_until = max(state.paused_until, until)
         self._dirty = True
@@ -90,7 +91,7 @@ class LocalBackend:
         """Always `local`: nothing is shared."""
         return "local"
 
-    async def usage(self, key: str) -> Usage:
+    async def usage(self, key: Fingerprint) -> Usage:
         state = self._key(key)
         paused = state.paused_until if state.paused_until > self._clock.time() else None
         return Usage(state.sent, paused)

@@ -32,7 +32,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from proxy.clock import Clock, SystemClock
 from proxy.config import Config
-from proxy.credentials import redact
+from proxy.credentials import Fingerprint, redact
 from proxy.logs import get_logger
 from proxy.quota.backend import Mode, Reservation, Usage, next_reset, utc_day
 from proxy.quota.local import LocalBackend
@@ -66,7 +66,7 @@ def _script(name: str) -> str:
     return (lua / "prelude.lua").read_text() + (lua / f"{name}.lua").read_text()
 
 
-def redis_keys(fingerprint: str) -> tuple[str, str, str]:
+def redis_keys(fingerprint: Fingerprint) -> tuple[str, str, str]:
     """The pace, daily and paused keys of a key fingerprint (one hash tag: one Cluster slot)."""
     base = f"ctct:{{{fingerprint}}}"
     return f"{base}:pace", f"{base}:daily", f"{base}:paused"
@@ -149,7 +149,7 @@ class RedisBackend:
         self._settle = settle
         self.replica_id = uuid.uuid4().hex[:12]
         self._local = LocalBackend(self._clock)
-        self._keys: dict[str, _KeyMemory] = {}
+        self._keys: dict[Fingerprint, _KeyMemory] = {}
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source)
             for name, source in (
@@ -246,7 +246,7 @@ class RedisBackend:
 
     # -- the QuotaBackend protocol -----------------------------------------------------------
 
-    async def reserve(self, key: str, spacing: float, daily_quota: int) -> Reservation:
+    async def reserve(self, key: Fingerprint, spacing: float, daily_quota: int) -> Reservation:
         """Take the next free send slot of the key (shared if Redis answers, else local)."""
         memory = self._memory(key)
         if self._mode == "shared":
@@ -255,7 +255,7 @@ class RedisBackend:
                 return reservation
         return await self._reserve_local(key, memory, spacing, daily_quota)
 
-    async def give_back(self, key: str, reservation: Reservation, spacing: float) -> None:
+    async def give_back(self, key: Fingerprint, reservation: Reservation, spacing: float) -> None:
         """Return an unused slot: in Redis only if it is still the last one reserved."""
         memory = self._memory(key)
         issued = memory.issued
@@ -274,7 +274,7 @@ class RedisBackend:
         # In fallback the slot is lost and the count comes back through the restore (unless
         # Redis kept it: then it is one send too many in the day's count, never too few).
 
-    async def hold(self, key: str, seconds: float) -> None:
+    async def hold(self, key: Fingerprint, seconds: float) -> None:
         """Let no send of the key go before `seconds` from now, on every replica."""
         if self._mode == "shared":
             pace, _, _ = redis_keys(key)
@@ -282,7 +282,7 @@ class RedisBackend:
                 return
         await self._local.hold(key, seconds)
 
-    async def pause(self, key: str, until: float) -> None:
+    async def pause(self, key: Fingerprint, until: float) -> None:
         """Pause the key until the epoch time `until` on every replica (daily quota spent)."""
         memory = self._memory(key)
         memory.paused_until = max(memory.paused_until, until)
@@ -292,7 +292,7 @@ class RedisBackend:
             _, _, paused = redis_keys(key)
             await self._run("pause", [paused], [round(until * _US)])
 
-    async def usage(self, key: str) -> Usage:
+    async def usage(self, key: Fingerprint) -> Usage:
         """The key's count today and its pause (from Redis, else from what this replica knows)."""
         memory = self._memory(key)
         wall = self._clock.time()
@@ -311,7 +311,7 @@ class RedisBackend:
     # -- shared and local reservations -------------------------------------------------------
 
     async def _reserve_shared(
-        self, key: str, memory: _KeyMemory, spacing: float, daily_quota: int
+        self, key: Fingerprint, memory: _KeyMemory, spacing: float, daily_quota: int
     ) -> Reservation | None:
         clock = self._clock
         if self._settling():
@@ -344,7 +344,7 @@ class RedisBackend:
         return reservation
 
     async def _reserve_local(
-        self, key: str, memory: _KeyMemory, spacing: float, daily_quota: int
+        self, key: Fingerprint, memory: _KeyMemory, spacing: float, daily_quota: int
     ) -> Reservation:
         clock = self._clock
         wall, now = clock.time(), clock.monotonic()
@@ -379,7 +379,7 @@ class RedisBackend:
 
     # -- talking to Redis --------------------------------------------------------------------
 
-    def _memory(self, key: str) -> _KeyMemory:
+    def _memory(self, key: Fingerprint) -> _KeyMemory:
         memory = self._keys.get(key)
         if memory is None:
             memory = self._keys[key] = _KeyMemory(day=utc_day(self._clock.time()))
