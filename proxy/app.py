@@ -172,6 +172,8 @@ def _line(record: RequestRecord, status: int, duration: float) -> dict[str, obje
 CONFIG = web.AppKey("config", Config)
 STATE = web.AppKey("state", AppState)
 RECORD = web.RequestKey("record", RequestRecord)
+# Set when `Expect: 100-continue` was refused: the body will never come, so the answer closes.
+UNINVITED = web.RequestKey("uninvited", bool)
 LEDGER = web.AppKey("ledger", RequestLedger)
 
 
@@ -357,6 +359,8 @@ async def edge_middleware(
         request.app[LEDGER].add(record, status, time.monotonic() - record.started)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
+        if request.get(UNINVITED):
+            response.force_close()
         if record.queue is not None and response.status == 429:
             response.headers.update(_rate_headers(request.app[STATE], record.queue))
     return response
@@ -438,6 +442,12 @@ async def _expect(request: web.Request) -> None:
     """
     expect = request.headers.get("Expect", "").strip().lower()
     if expect == "100-continue" and request.version == aiohttp.HttpVersion11:
+        length = request.content_length
+        if length is not None and length > request.app[CONFIG].max_body:
+            # forward() answers 413 before reading a byte: inviting the upload would only
+            # have the client send what is thrown away.
+            request[UNINVITED] = True
+            return
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         # An interim answer: the real one has not started yet.
         request.writer.output_size = 0
@@ -538,7 +548,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             if preferred is not None and preferred <= state.config.max_wait:
                 extra.append(("Preference-Applied", f"wait={preferred}"))
             try:
-                return await stream_back(request, upstream, extra, buffered)
+                return await stream_back(request, upstream, extra, buffered, state.upstream.bases)
             finally:
                 upstream.release()
     finally:
