@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
+from proxy.egress import upstream_session
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -221,16 +222,7 @@ def _resources(
             client, client_id = shared.client, config.client_id.reveal()
             share = lambda local: RedisTokenStore(client, client_id, local)  # noqa: E731
         oauth = await open_token_source(config, share=share)
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=config.connect_timeout, sock_read=config.upstream_timeout
-            ),
-            auto_decompress=False,
-            # Never add headers the client did not send, and never carry cookies between clients.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        session = upstream_session(config)
         mode = getattr(chosen, "mode", None)
         mode = mode if callable(mode) else lambda: "local"
         state = AppState(

@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import redact
+from proxy.egress import connection_failure
 from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream_errors import Generation
 
@@ -259,6 +260,8 @@ class Upstream:
                     data=body or None,
                     allow_redirects=False,
                 )
+            except (aiohttp.ClientSSLError, aiohttp.ClientHttpProxyError) as exc:
+                raise connection_failure(exc, url) from None  # certain to fail again
             except aiohttp.ClientConnectorError as exc:
                 if attempt >= CONNECT_RETRIES:
                     raise UpstreamUnreachable(
