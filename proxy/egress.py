@@ -11,10 +11,11 @@ credentials or bodies, and TLS is checked end to end.
 
 from __future__ import annotations
 
+import base64
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -52,10 +53,10 @@ def ssl_context(config: Config) -> ssl.SSLContext:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Through which forward proxy a URL is reached (credentials apart, for aiohttp)."""
+    """Through which forward proxy a URL is reached, and the Proxy-Authorization it wants."""
 
     proxy: URL
-    auth: aiohttp.BasicAuth | None
+    authorization: str | None = field(default=None, repr=False)
 
 
 class EgressRoutes:
@@ -102,15 +103,22 @@ class EgressRoutes:
         """aiohttp client middleware: set the request's proxy before it connects."""
         route = self.route(request.url)
         if route is not None:
-            request.update_proxy(route.proxy, route.auth, None)
+            tunnel_headers = None
+            if route.authorization is not None:
+                if request.is_ssl():
+                    # Sent on the CONNECT only: inside the tunnel the proxy sees nothing.
+                    tunnel_headers = {"Proxy-Authorization": route.authorization}
+                else:
+                    request.headers["Proxy-Authorization"] = route.authorization
+            request.update_proxy(route.proxy, None, tunnel_headers)
         return await handler(request)
 
 
 def _route_of(proxy: SecretURL) -> Route:
-    auth = None
-    if proxy.user is not None:
-        auth = aiohttp.BasicAuth(proxy.user, proxy.password or "")
-    return Route(proxy.address, auth)
+    if proxy.user is None:
+        return Route(proxy.address)
+    pair = f"{proxy.user}:{proxy.password or ''}".encode()
+    return Route(proxy.address, "Basic " + base64.b64encode(pair).decode())
 
 
 def client_session(config: Config, **options: Any) -> aiohttp.ClientSession:
