@@ -3,7 +3,7 @@
 // axios-retry's default condition (isNetworkOrIdempotentRequestError) retries a 429 only for
 // GET, HEAD, OPTIONS, PUT and DELETE; a 429 from the proxy means nothing was sent, so POST is
 // safe to retry too. Its delay waits Retry-After as given, hours included: a daily-quota 429
-// is handed back here instead. axios follows redirects (up to 5) and has no timeout by default.
+// is handed back here instead. axios follows redirects (up to 21) and has no timeout by default.
 //
 // Usage: node axios_retry.cjs BASE_URL [COUNT]   (needs: npm install axios axios-retry)
 
