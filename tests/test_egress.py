@@ -23,6 +23,7 @@ from proxy import logs
 from proxy.config import Config, ConfigError, ProxyEnvironment
 from proxy.credentials import Secret, SecretURL, redact
 from proxy.egress import EgressRoutes
+from proxy.oauth.login import login_settings
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from proxy.simulator.config import OAUTH_TOKEN_PATH
 from tests.conftest import ServerFactory, StartProxy, proxy_config
@@ -312,3 +313,17 @@ def test_a_bad_proxy_url_stops_the_start_naming_its_source(
 ) -> None:
     with pytest.raises(ConfigError, match=f"^{source}: must be"):
         Config.from_sources(flags, {"HOME": "/h", **env})
+
+
+def test_login_takes_the_same_trust_and_route(tmp_path: Path) -> None:
+    """`ctct-proxy login` calls the same token endpoint: same CA file, same egress proxy."""
+    ca = PrivateCA.create(tmp_path / "ca").ca_file
+    flags = {"client_id": CLIENT_ID, "egress_proxy": "http://login.proxy:3128"}
+    env = {"HOME": str(tmp_path), "SSL_CERT_FILE": str(ca), "NO_PROXY": "internal.test"}
+    config, _ = login_settings(flags, env)
+    assert config.ca_bundle == ca
+    routes = EgressRoutes(config)
+    assert _via(routes, "https://authz.constantcontact.com/") == "http://login.proxy:3128"
+    assert _via(routes, "https://internal.test/") is None
+    config, _ = login_settings({"client_id": CLIENT_ID}, {**env, "https_proxy": "env.proxy:1"})
+    assert _via(EgressRoutes(config), "https://authz.constantcontact.com/") == "http://env.proxy:1"
