@@ -23,6 +23,7 @@ from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
 from proxy.edge import ops
 from proxy.edge.middleware import LEDGER, RequestLedger, edge_middleware
+from proxy.egress import upstream_session
 from proxy.errors import StartupError
 from proxy.exchange import expect_continue, forward
 from proxy.files import check_writable_dir
@@ -123,18 +124,9 @@ async def _token_source(app: web.Application) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    """The one client session to the upstreams."""
+    """The one client session to the upstreams (TLS trust and egress proxy: `egress.py`)."""
     config = app[CONFIG]
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.upstream_timeout
-        ),
-        auto_decompress=False,
-        # Never add headers the client did not send, and never carry cookies between clients.
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    session = upstream_session(config)
     # aiohttp re-sends an idempotent request once by itself when a pooled connection breaks:
     # a send outside the key's pacing. The exchange decides about every send, so it is off.
     session._retry_connection = False

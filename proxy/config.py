@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
-from proxy.credentials import Secret
+from proxy.credentials import Secret, SecretURL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -101,6 +102,26 @@ def _redis_url(text: str) -> Secret:
     return Secret(text)
 
 
+def _ca_bundle(text: str) -> Path:
+    path = Path(text).expanduser()
+    try:
+        # Loaded once here so that a wrong file stops the start, not the first request.
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError):
+        raise ValueError("must be a readable file of PEM CA certificates") from None
+    return path
+
+
+def _proxy_url(text: str) -> SecretURL:
+    # "proxy.corp:3128" is common in HTTPS_PROXY; curl and urllib read it as http://.
+    url = URL(text if "://" in text else f"http://{text}")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL of a forward proxy")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise ValueError("must be a proxy's address (scheme, optional user:password@, host, port)")
+    return SecretURL(url.with_path(""))
+
+
 def _secret(text: str) -> Secret:
     if not text.strip() or text != text.strip():
         raise ValueError("must not be empty or padded with spaces")
@@ -153,6 +174,8 @@ class Setting:
     default: str | None = None
     repeatable: bool = False
     is_flag: bool = False
+    # Variables other programs read for the same thing, consulted after `env` (first wins).
+    also_env: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -318,7 +341,55 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "token_url", "CTCT_PROXY_TOKEN_URL", _http_url, "OAuth token endpoint", DEFAULT_TOKEN_URL
     ),
+    Setting(
+        "ca_bundle",
+        "CTCT_PROXY_CA_BUNDLE",
+        _ca_bundle,
+        "CA file for the upstream and token endpoint (replaces the system trust)",
+        also_env=("SSL_CERT_FILE",),
+    ),
+    Setting(
+        "egress_proxy",
+        "CTCT_PROXY_EGRESS_PROXY",
+        _proxy_url,
+        "forward proxy for outbound calls (wins over HTTPS_PROXY / HTTP_PROXY; NO_PROXY applies)",
+    ),
 )
+
+# The conventional proxy variables (curl, urllib, requests): lower case wins over upper case.
+PROXY_VARIABLES = ("https_proxy", "http_proxy", "no_proxy")
+
+
+@dataclass(frozen=True)
+class ProxyEnvironment:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY as the environment set them at start-up."""
+
+    https: SecretURL | None = None
+    http: SecretURL | None = None
+    no_proxy: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ProxyEnvironment:
+        """Read the variables (a lower-case one, even empty, wins); ConfigError names a bad one."""
+        values: dict[str, SecretURL | str | None] = {}
+        for name in PROXY_VARIABLES:
+            source = name if name in env else name.upper()
+            text = env.get(source, "").strip()
+            if name == "no_proxy":
+                values[name] = text
+                continue
+            try:
+                values[name] = _proxy_url(text) if text else None
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        https, http, no_proxy = values["https_proxy"], values["http_proxy"], values["no_proxy"]
+        assert not isinstance(https, str) and not isinstance(http, str)
+        return cls(https=https, http=http, no_proxy=str(no_proxy or ""))
+
+    def redacted(self) -> dict[str, str]:
+        """The variables that are set, credentials shown as ***."""
+        shown = {"https_proxy": self.https, "http_proxy": self.http, "no_proxy": self.no_proxy}
+        return {name: str(value) for name, value in shown.items() if value}
 
 
 def default_state_dir(env: Mapping[str, str]) -> Path:
@@ -370,6 +441,10 @@ class Config:
     client_secret: Secret | None = None
     refresh_token: Secret | None = None
     token_url: URL = field(default_factory=lambda: URL(DEFAULT_TOKEN_URL))
+    ca_bundle: Path | None = None
+    egress_proxy: SecretURL | None = None
+    # Not a setting of its own: the conventional variables, read once like the rest.
+    proxy_environment: ProxyEnvironment = field(default_factory=ProxyEnvironment)
 
     @property
     def spacing(self) -> float:
@@ -386,6 +461,8 @@ class Config:
             elif value is not None and not isinstance(value, bool | int | float):
                 value = str(value)
             out[setting.name] = value
+        if environment := self.proxy_environment.redacted():
+            out["proxy_environment"] = environment
         return out
 
     @classmethod
@@ -401,6 +478,9 @@ class Config:
             if given is None or given == []:
                 given = env.get(setting.env)
                 source = setting.env
+                for other in setting.also_env:
+                    if given is None and env.get(other):
+                        given, source = env[other], other
                 if given is not None and setting.repeatable:
                     given = [given]
             if given is None:
@@ -419,6 +499,7 @@ class Config:
                 message = str(exc) if "must" in str(exc) else "is not a valid value"
                 raise ConfigError(f"{source}: {message}") from None
         values.setdefault("state_dir", default_state_dir(env))
+        values["proxy_environment"] = ProxyEnvironment.from_env(env)
         config = cls(**values)
         if not _is_loopback(config.host) and not config.client_token and not config.trust_network:
             raise ConfigError(

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import NewType
 from urllib.parse import quote, unquote
 
+from yarl import URL
+
 API_KEY_PARAM = "api_key"
 _PARAM_NAMES_TO_STRIP = frozenset({API_KEY_PARAM})
 REDACTED = "***"
@@ -50,6 +52,53 @@ class Secret:
         return hash(self._value)
 
 
+class SecretURL:
+    """A URL whose user and password are secrets (an egress proxy's): they print as ``***``."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, url: URL) -> None:
+        self._url = url
+        for part in (url.user, url.password, url.raw_user, url.raw_password):
+            if part:
+                register_secret(part)
+
+    def reveal(self) -> URL:
+        """The URL with its credentials, for putting on the wire and nowhere else."""
+        return self._url
+
+    @property
+    def address(self) -> URL:
+        """The URL without credentials."""
+        return self._url.with_user(None)
+
+    @property
+    def user(self) -> str | None:
+        """The user name, if the URL has one (a secret too)."""
+        return self._url.user
+
+    @property
+    def password(self) -> str | None:
+        """The password, if the URL has one."""
+        return self._url.password
+
+    def __str__(self) -> str:
+        url = self._url
+        if url.user is None and url.password is None:
+            return str(url)
+        shown = url.with_user(REDACTED)
+        return str(shown.with_password(REDACTED) if url.password is not None else shown)
+
+    def __repr__(self) -> str:
+        return f"SecretURL({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretURL) and _same(str(other._url), str(self._url))
+
+    def __hash__(self) -> int:
+        return hash(str(self._url))
+
+
 # Every secret the process has been told about, so that `redact` can scrub text it did not
 # produce (exception messages, upstream error text). Process-wide on purpose: a log line
 # written anywhere must be clean, whichever app instance holds the secret. Kept longest
@@ -62,8 +111,10 @@ _SECRET_PATTERN: list[re.Pattern[str]] = [
     ),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9\-._~+/=]+"),
     re.compile(r"(?i)(basic\s+)[A-Za-z0-9+/=]+"),
+    # user:password@ in a URL (an egress proxy's, as HTTPS_PROXY carries it)
+    re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^/@\s:]*:)[^/@\s]+(?=@)"),
 ]
-# Every pattern needs an "=" or one of these words: text with neither skips the patterns.
+# Every pattern needs an "=", an "@" or one of these words: text with none skips the patterns.
 _SCHEME_WORD = re.compile(r"(?i)bearer|basic")
 # Shorter values are not scrubbed by value (they would blank out ordinary words); the
 # patterns above still catch them where they appear as credentials.
@@ -90,7 +141,7 @@ def redact(text: str) -> str:
     for secret in _KNOWN_SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    if "=" in text or _SCHEME_WORD.search(text):
+    if "=" in text or "@" in text or _SCHEME_WORD.search(text):
         for pattern in _SECRET_PATTERN:
             text = pattern.sub(_keep_name, text)
     return text

@@ -155,6 +155,10 @@ class UpstreamUnreachable(ProxyError):
         super().__init__(message, retry_after=retry_after, outcome="failed")
 
 
+class UpstreamCertificateError(UpstreamUnreachable):
+    """The upstream's TLS certificate was refused (unknown CA, wrong host, expired) (502)."""
+
+
 class CredentialsNeedAttention(UpstreamUnreachable):
     """The proxy's own credentials (e.g. its OAuth refresh token) stopped working (502)."""
 

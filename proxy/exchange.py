@@ -36,7 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.credentials import Outbound, fingerprint
-from proxy.edge.middleware import RECORD, RequestRecord, rate_headers
+from proxy.edge.middleware import RECORD, UNINVITED, RequestRecord, rate_headers
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -291,7 +291,9 @@ class Exchange:
         preferred = wait_preference(self.request.headers.get("Prefer"))
         if preferred is not None and preferred <= state.config.max_wait:
             extra.append(("Preference-Applied", f"wait={preferred}"))
-        return await stream_back(self.request, outcome.response, extra, outcome.prefix)
+        return await stream_back(
+            self.request, outcome.response, extra, outcome.prefix, state.upstream.bases
+        )
 
 
 # -- admission: from an arriving request to an exchange ------------------------------------
@@ -385,6 +387,12 @@ async def expect_continue(request: web.Request) -> None:
     """
     expect = request.headers.get("Expect", "").strip().lower()
     if expect == "100-continue" and request.version == aiohttp.HttpVersion11:
+        length = request.content_length
+        if length is not None and length > request.app[STATE].config.max_body:
+            # forward() answers 413 before reading a byte: inviting the upload would only
+            # have the client send what is thrown away.
+            request[UNINVITED] = True
+            return
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         # An interim answer: the real one has not started yet.
         request.writer.output_size = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import redact
+from proxy.egress import connection_failure
 from proxy.errors import (
     AnswerCut,
     BadRequest,
@@ -54,17 +55,27 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CONNECT_RETRY_PAUSE = 0.2
 CONNECT_RETRIES = 2
 
+# Response fields that name a URL a client may go to next (RFC 9110 §10.2.2, §8.7).
+LOCATION_FIELDS = ("Location", "Content-Location")
+_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+# A Host header fit to build a URL from: a name or an IPv4 or bracketed IPv6 address, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A checked request target: the raw path (kept as sent) and the raw query string."""
+    """A checked request target: the raw path (kept as sent) and the raw query string.
+
+    `has_query` tells `/v3/contacts?` (an empty query, sent on as it came) from `/v3/contacts`.
+    """
 
     generation: Generation
     path: str
     query: str
+    has_query: bool = False
 
 
 def check_target(raw_target: str) -> Target:
@@ -75,7 +86,7 @@ def check_target(raw_target: str) -> Target:
     """
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise BadRequest("Only origin-form request targets (a path starting with /) are accepted.")
-    path, _, query = raw_target.partition("?")
+    path, question, query = raw_target.partition("?")
     if path.startswith("/v2/"):
         generation: Generation = "v2"
     elif path.startswith("/v3/"):
@@ -96,7 +107,7 @@ def check_target(raw_target: str) -> Target:
             raise BadRequest(
                 "The request path is not allowed (dot segments or encoded separators)."
             )
-    return Target(generation, path, query)
+    return Target(generation, path, query, bool(question))
 
 
 def outbound_headers(
@@ -139,6 +150,65 @@ def _copy_response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[st
     into.extend([(k, v) for k, v in upstream.items() if k.lower() not in drop])
 
 
+def relocate(value: str, upstreams: Iterable[URL], own_base: str) -> str:
+    """An absolute URL under a configured upstream, moved under the proxy's own base.
+
+    As nginx's `proxy_redirect default`: the upstream base (scheme, host and port, and its
+    path if it has one) is replaced by `own_base`; the rest is kept byte for byte. Relative
+    references and URLs anywhere else are returned unchanged.
+    """
+    match = _ABSOLUTE.match(value)
+    if match is None or "@" in match.group(2):
+        return value
+    try:
+        origin = URL(f"{match.group(1)}://{match.group(2)}")
+    except ValueError:
+        return value
+    rest = value[match.end() :]
+    for base in upstreams:
+        if (origin.scheme, origin.host, origin.port) != (base.scheme, base.host, base.port):
+            continue
+        prefix = base.raw_path.rstrip("/")
+        if prefix:
+            if not rest.startswith(prefix) or rest[len(prefix) : len(prefix) + 1] not in (
+                "",
+                "/",
+                "?",
+                "#",
+            ):
+                continue
+            rest = rest[len(prefix) :]
+        return own_base + rest
+    return value
+
+
+def own_base(request: web.BaseRequest) -> str:
+    """The proxy's base URL as this client reached it: its scheme and the Host it sent."""
+    host = request.headers.get("Host", "")
+    if not _HOST.fullmatch(host):
+        # HTTP/1.0 without Host (or a Host no URL can carry): the address it connected to.
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not isinstance(sockname, tuple):
+            return f"{request.scheme}://localhost"
+        address, port = str(sockname[0]), int(sockname[1])
+        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return f"{request.scheme}://{host}"
+
+
+def _relocate_fields(
+    headers: CIMultiDict[str], upstreams: Sequence[URL], request: web.BaseRequest
+) -> None:
+    base: str | None = None
+    for name in LOCATION_FIELDS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        base = base or own_base(request)
+        moved = relocate(value, upstreams, base)
+        if moved != value:
+            headers[name] = moved
+
+
 @functools.lru_cache(maxsize=64)
 def _dropped(always: frozenset[str], connection: str | None) -> frozenset[str]:
     """The fields not to pass on: `always`, plus those a Connection header names."""
@@ -157,12 +227,19 @@ class Upstream:
     ) -> None:
         self._session = session
         self._bases = {gen: str(base) for gen, base in bases.items()}
+        # What a Location pointing back at the API may start with (see `relocate`).
+        self.bases: tuple[URL, ...] = tuple(dict.fromkeys(bases.values()))
 
     def url(self, target: Target, query: str) -> URL:
         """The upstream URL for a target, with its raw path and query kept byte for byte."""
         raw = self._bases[target.generation] + target.path
         if query:
             raw += "?" + query
+        elif target.has_query:
+            # yarl has no empty query (its URLs drop a bare "?"), so the "?" stays at the end
+            # of the raw path, which is what goes on the request line.
+            url = URL(raw, encoded=True)
+            return url.with_path(url.raw_path + "?", encoded=True)
         return URL(raw, encoded=True)
 
     async def send(
@@ -187,6 +264,8 @@ class Upstream:
                     data=body or None,
                     allow_redirects=False,
                 )
+            except (aiohttp.ClientSSLError, aiohttp.ClientHttpProxyError) as exc:
+                raise connection_failure(exc, url) from None  # certain to fail again
             except aiohttp.ClientConnectorError as exc:
                 if attempt >= CONNECT_RETRIES:
                     raise UpstreamUnreachable(
@@ -232,17 +311,22 @@ async def stream_back(
     upstream: aiohttp.ClientResponse,
     extra: Iterable[tuple[str, str]],
     prefix: bytes | None = None,
+    upstreams: Sequence[URL] = (),
 ) -> web.StreamResponse:
     """Send the upstream's status, headers and body to the client as they come.
 
     `prefix` is what was already read of the body (to classify it); the rest is streamed
     after it. Once the status line is out, a fault in the upstream's body raises AnswerCut:
-    the edge then cuts the client's connection instead of writing anything more.
+    the edge then cuts the client's connection instead of writing anything more. Location
+    fields that point at one of `upstreams` are moved to the proxy's own base, so that a
+    client following them comes back through the proxy.
     """
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     # Filled in place: handing headers to the constructor would copy them once more.
     headers = response.headers
     _copy_response_headers(upstream.headers, headers)
+    if upstreams:
+        _relocate_fields(headers, upstreams, request)
     headers.extend(extra)
     length = upstream.headers.get("Content-Length")
     whole = prefix is not None and upstream.content.at_eof()

@@ -12,6 +12,8 @@ START, END = "<!-- settings-table -->", "<!-- /settings-table -->"
 _DEFAULTS = {
     "state_dir": "`$XDG_DATA_HOME/ctct-proxy` (else `~/.local/share/ctct-proxy`)",
     "log_format": "`console` on a TTY, else `json`",
+    "ca_bundle": "system trust (`SSL_CERT_FILE` honoured)",
+    "egress_proxy": "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`",
 }
 
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -124,14 +125,16 @@ def _client_env() -> dict[str, str]:
     return env
 
 
-async def _run(name: str, argv: list[str], timeout: float) -> str:
+async def _run(
+    name: str, argv: list[str], timeout: float, extra_env: dict[str, str] | None = None
+) -> str:
     """Run one client to completion; return its stdout or raise ClientRunError with its stderr."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_client_env(),
+        env={**_client_env(), **(extra_env or {})},
         start_new_session=True,  # its own process group, so curl children die with calls.sh
     )
     assert proc.stdout is not None
@@ -259,3 +262,38 @@ async def run_curl(base: str, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """
     await asyncio.to_thread(ensure_built)
     return await _run("calls.sh", ["bash", str(EXAMPLES / "curl" / "calls.sh"), base], timeout)
+
+
+RECIPES = EXAMPLES / "recipes"
+# npm packages the Node recipes need, installed by scripts/test (`npm ci` from the lock file).
+NODE_MODULES = Path(__file__).resolve().parent / "node" / "node_modules"
+
+
+def recipe_argv(name: str, base: str, count: int) -> list[str]:
+    """The command line of one recipe in examples/recipes, run against `base` with `count` calls.
+
+    Raises ClientToolMissingError when its interpreter or npm packages are not installed.
+    """
+    path = RECIPES / name
+    if path.suffix == ".py":
+        return [sys.executable, str(path), base, str(count)]
+    if path.suffix == ".sh":
+        return ["bash", str(path), base, str(count)]
+    if shutil.which("node") is None:
+        raise ClientToolMissingError("missing node; install: apt-get install -y nodejs npm")
+    if not (NODE_MODULES / "axios-retry").is_dir():
+        raise ClientToolMissingError("missing npm packages; install: npm ci --prefix tests/node")
+    return ["node", str(path), base, str(count)]
+
+
+async def run_recipe(
+    name: str, base: str, count: int, *, timeout: float = DEFAULT_TIMEOUT
+) -> list[dict[str, object]]:
+    """Run one recipe; its lines (``client``, ``i``, ``method``, ``status``, ``attempts``) by ``i``.
+
+    CommonJS recipes find the npm packages through NODE_PATH; the recipes themselves stay free
+    of the test suite's layout.
+    """
+    argv = recipe_argv(name, base, count)
+    stdout = await _run(name, argv, timeout, {"NODE_PATH": str(NODE_MODULES)})
+    return _parse_lines(name, stdout, count)

@@ -118,6 +118,8 @@ def _line(record: RequestRecord, status: int, duration: float) -> dict[str, obje
 
 
 RECORD = web.RequestKey("record", RequestRecord)
+# Set when `Expect: 100-continue` was refused: the body will never come, so the answer closes.
+UNINVITED = web.RequestKey("uninvited", bool)
 LEDGER = web.AppKey("ledger", RequestLedger)
 
 
@@ -215,6 +217,8 @@ async def edge_middleware(
         request.app[LEDGER].add(record, status, time.monotonic() - record.started)
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
+        if request.get(UNINVITED):
+            response.force_close()
         if record.queue is not None and response.status == 429 and state is not None:
             response.headers.update(rate_headers(state, record.queue))
     return response

@@ -7,13 +7,14 @@ the request back) and the process lifecycle (SIGTERM / SIGINT, graceful shutdown
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 import signal
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -22,7 +23,7 @@ from proxy.app import make_app
 from proxy.config import Config
 from proxy.credentials import redact
 from proxy.logs import get_logger
-from proxy.upstream_errors import cc_error_body
+from proxy.upstream_errors import Generation, cc_error_body
 
 log = get_logger("proxy")
 _JSON = "application/json"
@@ -56,30 +57,62 @@ def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
     """A request aiohttp could not parse (or a fault outside the middleware), in CC's shape.
 
     aiohttp's own text quotes the offending bytes (query strings with `api_key` included),
-    so none of it is sent back; the generation is unknown here, and an array of
-    {error_key, error_message} is what v2 sends for every error and v3 for its own.
+    so none of it is sent back. The shape follows the generation of the path when the
+    request line can be read from the parser's message (`request_line`); v2's array is the
+    default, being what v2 sends for every error and v3 for some of its own.
     """
+    generation = request_line(exc)[0]
     if isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
-        status, key = 431, "http.status.request_header_fields_too_large"
+        status, keys = 431, _HEADERS_TOO_LARGE
         text = f"A request header is longer than {MAX_HEADER_FIELD} bytes."
     elif isinstance(exc, LineTooLong):
-        status, key = 414, "http.status.request_uri_too_long"
+        status, keys = 414, ("http.status.request_uri_too_long", "uri_too_long")
         text = f"The request target is longer than {MAX_REQUEST_TARGET} bytes."
     elif isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower():
-        status, key = 431, "http.status.request_header_fields_too_large"
+        status, keys = 431, _HEADERS_TOO_LARGE
         text = f"The request has more than {MAX_HEADERS} headers."
     elif status < 500:
-        key = "http.status.bad_request"
+        keys = ("http.status.bad_request", "bad_request")
         # Only aiohttp's words, cut before it quotes the request's bytes back.
         quoted = _QUOTED.split(getattr(exc, "message", "") or "", maxsplit=1)[0]
         reason = " ".join(line.strip() for line in quoted.splitlines()).strip(" :.")
         text = redact(f"The request is not valid HTTP/1.1 ({reason[:120] or 'malformed'}).")
     else:
-        key = "http.status.internal_server_error"
+        keys = ("http.status.internal_server_error", "internal_error")
         text = "The proxy failed to handle this request."
-    response = web.Response(status=status, body=cc_error_body("v2", key, text), content_type=_JSON)
+    key = keys[0] if generation == "v2" else keys[1]
+    body = cc_error_body(generation, key, text)
+    response = web.Response(status=status, body=body, content_type=_JSON)
     response.force_close()
     return response
+
+
+_HEADERS_TOO_LARGE = ("http.status.request_header_fields_too_large", "header_fields_too_large")
+# The line aiohttp's C parser quotes in its message: `{reason}:\n\n  b'{line}'\n  {pointer}`.
+_QUOTED_LINE = re.compile(r"^  (b'.*'|b\".*\")$", re.MULTILINE)
+_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def request_line(exc: BaseException | None) -> tuple[Generation, HttpVersion]:
+    """The generation and HTTP version of a request the parser refused, as far as it shows.
+
+    The parser's message quotes the line it stopped in; when that is the request line, its
+    path says the generation and its version the client's. Otherwise (a bad header, a line
+    split across reads): v2 and HTTP/1.1, the version this server speaks (RFC 9112 §2.3).
+    """
+    match = _QUOTED_LINE.search(getattr(exc, "message", "") or "")
+    if match is None:
+        return "v2", HttpVersion11
+    try:
+        line = ast.literal_eval(match.group(1))
+    except (ValueError, SyntaxError):
+        return "v2", HttpVersion11
+    method, _, rest = line.partition(b" ")
+    target, _, version = rest.rpartition(b" ")
+    if not _METHOD.fullmatch(method) or not target.startswith(b"/"):
+        return "v2", HttpVersion11
+    generation: Generation = "v3" if target.startswith(b"/v3/") else "v2"
+    return generation, HttpVersion10 if version == b"HTTP/1.0" else HttpVersion11
 
 
 # Where aiohttp's parser messages start quoting the request's own bytes (a quoted header
@@ -107,7 +140,20 @@ class _EdgeProtocol(RequestHandler):
             raise ConnectionError("an answer is already under way")
         else:
             log.info("request_malformed", status=status, error=redact(repr(exc)))
+        _answer_in(request, request_line(exc)[1])
         return _malformed_answer(status, exc)
+
+
+def _answer_in(request: BaseRequest, version: HttpVersion) -> None:
+    """Have the answer to a request aiohttp could not parse written in `version`.
+
+    aiohttp stands in a request of version HTTP/1.0 for it, and writes the status line in
+    the request's version: an HTTP/1.1 client would be answered in 1.0. No public API sets
+    it, so the stand-in's version (a cached property) is replaced before the answer is made;
+    tests/test_edges.py fails if aiohttp ever stores it elsewhere.
+    """
+    request._cache.pop("version", None)
+    request._version = version
 
 
 class _EdgeServer(web.Server):

@@ -22,7 +22,14 @@ from typing import Any, Final
 from aiohttp import web
 from yarl import URL
 
-from proxy.config import SETTINGS, Config, ConfigError, port_number, positive_float
+from proxy.config import (
+    PROXY_VARIABLES,
+    SETTINGS,
+    Config,
+    ConfigError,
+    port_number,
+    positive_float,
+)
 from proxy.credentials import fingerprint
 from proxy.oauth.tokens import FileTokenStore, RefreshFailed, TokenClient, TokenSet, state_path
 
@@ -188,8 +195,23 @@ def _listening_port(runner: web.AppRunner) -> int | None:
 # The serve settings `login` shares (same flags, same environment twins). The configured
 # refresh token is read from the environment only: the saved tokens record that they
 # supersede it, so a `serve` in the same environment uses them rather than it.
-_SHARED: Final = ("client_id", "client_secret", "token_url", "state_dir", "refresh_token")
-_SHARED_FLAGS: Final = ("client_id", "client_secret", "token_url", "state_dir")
+_SHARED: Final = (
+    "client_id",
+    "client_secret",
+    "token_url",
+    "state_dir",
+    "refresh_token",
+    "ca_bundle",
+    "egress_proxy",
+)
+_SHARED_FLAGS: Final = (
+    "client_id",
+    "client_secret",
+    "token_url",
+    "state_dir",
+    "ca_bundle",
+    "egress_proxy",
+)
 _LOGIN_ENV: Final = {
     "authorize_url": "CTCT_PROXY_AUTHORIZE_URL",
     "redirect_host": "CTCT_PROXY_REDIRECT_HOST",
@@ -235,7 +257,13 @@ def login_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Co
 
     Raises ConfigError naming the setting.
     """
-    shared_env = {s.env for s in SETTINGS if s.name in _SHARED} | {"HOME", "XDG_DATA_HOME"}
+    shared_env = {
+        *(name for s in SETTINGS if s.name in _SHARED for name in (s.env, *s.also_env)),
+        *PROXY_VARIABLES,
+        *(name.upper() for name in PROXY_VARIABLES),
+        "HOME",
+        "XDG_DATA_HOME",
+    }
     config = Config.from_sources(
         {name: flags.get(name) for name in _SHARED}, {k: env[k] for k in shared_env if k in env}
     )

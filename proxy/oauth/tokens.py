@@ -36,6 +36,7 @@ from yarl import URL
 from proxy.clock import Clock, SystemClock
 from proxy.config import Config, ConfigError
 from proxy.credentials import Secret, TokenSource, fingerprint, redact
+from proxy.egress import tls_cause, token_session
 from proxy.errors import CredentialsNeedAttention
 from proxy.files import atomic_write
 from proxy.logs import get_logger
@@ -351,10 +352,8 @@ class TokenClient:
         """A client for the configured token endpoint (call within a running loop)."""
         if config.client_id is None:
             raise ConfigError("--client-id: is required for OAuth")
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=TOKEN_CALL_TIMEOUT),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        # The same CAs and egress route as the API calls.
+        session = token_session(config, TOKEN_CALL_TIMEOUT)
         return cls(session, config.token_url, config.client_id, config.client_secret)
 
     async def close(self) -> None:
@@ -397,6 +396,8 @@ class TokenClient:
             raise RefreshFailed(
                 "timeout", description="the token endpoint did not answer"
             ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise RefreshFailed("tls_failed", description=tls_cause(exc)) from None
         except aiohttp.ClientError as exc:
             raise RefreshFailed("unreachable", description=type(exc).__name__) from None
         if status == 200:
@@ -734,6 +735,8 @@ _HINTS: Final = {
     "unauthorized_client": "this client may not use the refresh_token grant",
     "unreachable": "the token endpoint could not be reached (--token-url)",
     "timeout": "the token endpoint did not answer in time",
+    "tls_failed": "the token endpoint's TLS certificate was refused (see description): check "
+    "--ca-bundle (or SSL_CERT_FILE), an egress proxy that re-signs TLS, and the clock",
     "rate_limited": "the token endpoint kept answering 429 (another process shares the app?)",
     "state_locked": "another process held the token state lock too long",
     "state_unavailable": "the token state under --state-dir cannot be written",
