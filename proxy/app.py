@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
+from proxy.edge.dashboard import DASHBOARD, Dashboard, add_dashboard_routes
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -46,8 +47,9 @@ from proxy.forward import (
     outbound_headers,
     stream_back,
 )
+from proxy.history import History, HistoryFeed
 from proxy.logs import enabled_for, get_logger
-from proxy.metrics import Metrics
+from proxy.metrics import ConfiguredLimits, Metrics
 from proxy.oauth.redis_store import RedisTokenStore
 from proxy.oauth.tokens import open_token_source
 from proxy.quota import (
@@ -80,6 +82,7 @@ class AppState:
     injector: Injector
     tokens: TokenSource
     metrics: Metrics
+    feed: HistoryFeed  # what the dashboard's history is told about sends, rejections, replays
     mode: Callable[[], str] = lambda: "local"
     shutting_down: bool = False
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
@@ -186,6 +189,7 @@ def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Applica
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/status", status_page)
+    add_dashboard_routes(app)
     app.router.add_route("*", "/v2/{tail:.*}", forward, expect_handler=_expect)
     app.router.add_route("*", "/v3/{tail:.*}", forward, expect_handler=_expect)
     return app
@@ -209,10 +213,12 @@ def _resources(
             assert config.state_dir is not None
             local = LocalBackend(clock, config.state_dir / "daily.json")
             chosen = local
+        feed = HistoryFeed(History(), clock)
         engine = QuotaEngine(
             Limits(config.qps, config.daily_quota, config.max_queue, config.pacing_margin),
             chosen,
             clock,
+            on_grant=feed.granted,
         )
         share = None
         if shared is not None and config.client_id is not None:
@@ -231,14 +237,22 @@ def _resources(
         )
         mode = getattr(chosen, "mode", None)
         mode = mode if callable(mode) else lambda: "local"
+        tokens = oauth if oauth is not None else TokenSource(config.access_token)
         state = AppState(
             config=config,
             engine=engine,
             backend=chosen,
             upstream=Upstream(session, {"v2": config.upstream_v2, "v3": config.upstream_v3}),
             injector=Injector(config.api_key, config.client_token),
-            tokens=oauth if oauth is not None else TokenSource(config.access_token),
-            metrics=Metrics(engine.status, mode),
+            tokens=tokens,
+            metrics=Metrics(
+                engine.status,
+                mode,
+                history=feed.history,
+                limits=ConfiguredLimits(config.qps, config.daily_quota, config.max_wait),
+                oauth=tokens.status,
+            ),
+            feed=feed,
             mode=mode,
             v2_tokens=TokenSource(config.access_token) if oauth is not None else None,
         )
@@ -246,6 +260,7 @@ def _resources(
             state.ready_checks.append(shared.ready_problem)
         app[STATE] = state
         app[LEDGER].metrics = state.metrics
+        app[DASHBOARD] = Dashboard(config, engine, feed.history, mode, tokens)
         flusher = None
         if local is not None:
             flusher = asyncio.get_running_loop().create_task(_flush_forever(local))
@@ -323,7 +338,7 @@ async def edge_middleware(
         method=request.method,
         target=raw,
         generation="v3" if raw.startswith("/v3/") else "v2",
-        # /healthz, /readyz, /metrics, /status: answered here, never API traffic.
+        # /healthz, /readyz, /metrics, /status, the dashboard: answered here, never API traffic.
         outcome="forwarded" if raw.startswith(("/v2/", "/v3/")) else "local",
     )
     request[RECORD] = record
@@ -556,6 +571,7 @@ async def _on_quota_error(
 ) -> None:
     """Learn from a gateway quota error: replay after a per-second one, pause after a daily one."""
     state.metrics.quota_errors.labels(kind.value).inc()
+    state.feed.rejected(record.key)
     error_key = error_key_for(kind, target.generation)
     if kind is QuotaKind.PER_SECOND:
         retry_after = _retry_after_header(upstream.headers.get("Retry-After"))
@@ -563,6 +579,7 @@ async def _on_quota_error(
         await queue.replay(ticket, retry_after, error_key)
         record.replays += 1
         state.metrics.replays.inc()
+        state.feed.replayed(record.key)
         return
     hour = state.config.v2_reset_hour if target.generation == "v2" else 0
     until = next_reset(time.time(), hour)
