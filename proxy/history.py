@@ -2,8 +2,9 @@
 
 Per key the proxy keeps
 
-- a ring of one-second buckets over the last `WINDOW` seconds: sends (requests let out of the
-  queue toward the upstream, replays included), gateway quota rejections, replays;
+- a ring of one-second buckets over the last `WINDOW` complete seconds (and the one filling
+  now): sends (requests let out of the queue toward the upstream, replays included), gateway
+  quota rejections, replays;
 - the queue waits of the last `WAIT_SAMPLES` sends, for p50/p95 over the last minute;
 - when the caller names clients (the fair-share queues do), each client's sends in the last
   minute in `CLIENT_BUCKET`-second buckets, for at most `MAX_CLIENTS` clients per key;
@@ -13,8 +14,8 @@ Every event costs O(1): the second's bucket is found by its index in the ring an
 still holds an older second; a key or client is moved to the front of an ordered dict. Reading
 a key (`snapshot`) costs O(WINDOW + WAIT_SAMPLES log WAIT_SAMPLES).
 
-Memory is bounded. Per key, the counts live in `array`s of fixed size: the ring 900 × (8-byte
-second + three 4-byte counts) = 18,000 bytes, the waits 512 × (two 8-byte floats) = 8,192
+Memory is bounded. Per key, the counts live in `array`s of fixed size: the ring 901 × (8-byte
+second + three 4-byte counts) = 18,020 bytes, the waits 512 × (two 8-byte floats) = 8,192
 bytes, each named client 12 × (8 + 4) = 144 bytes plus its name and bookkeeping (about 0.4 KiB
 with a short name). At most `MAX_KEYS` keys are kept, the least recently active forgotten
 first (a forgotten key that comes back starts from nothing; its day's count lives in the quota
@@ -80,22 +81,22 @@ class _KeyRing:
     __slots__ = (
         "clients",
         "counts",
+        "size",
         "stamps",
         "totals",
         "wait_at",
         "wait_next",
         "waits",
-        "window",
     )
 
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.stamps = array("q", [-1]) * window
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.stamps = array("q", [-1]) * size
         # One array per series (sends, rejections, replays): 4 bytes a second each.
         self.counts = (
-            array("I", [0]) * window,
-            array("I", [0]) * window,
-            array("I", [0]) * window,
+            array("I", [0]) * size,
+            array("I", [0]) * size,
+            array("I", [0]) * size,
         )
         self.totals = [0, 0, 0]
         self.wait_at = array("d", [-math.inf]) * WAIT_SAMPLES
@@ -104,7 +105,7 @@ class _KeyRing:
         self.clients: OrderedDict[str, _ClientCounts] = OrderedDict()
 
     def add(self, series: int, second: int) -> None:
-        i = second % self.window
+        i = second % self.size
         if self.stamps[i] != second:
             self.stamps[i] = second
             for counts in self.counts:
@@ -132,7 +133,7 @@ class _KeyRing:
 class Snapshot:
     """One key's recent history, oldest second first (what the dashboard's JSON carries)."""
 
-    end: int  # the epoch second of the last bucket (the current, still filling, second)
+    end: int  # the epoch second of the last bucket: the last complete second
     sends: list[int]
     rejections: list[int]
     replays: list[int]
@@ -164,7 +165,9 @@ class History:
         if ring is None:
             if len(self._keys) >= self.max_keys:
                 self._keys.popitem(last=False)
-            ring = self._keys[key_fp] = _KeyRing(self.window)
+            # One bucket more than the window: the second being filled never overwrites the
+            # oldest complete one.
+            ring = self._keys[key_fp] = _KeyRing(self.window + 1)
         else:
             self._keys.move_to_end(key_fp)
         return ring
@@ -194,12 +197,13 @@ class History:
         return list(reversed(self._keys))
 
     def snapshot(self, key_fp: str, now: float, seconds: int | None = None) -> Snapshot:
-        """The last `seconds` (default: the whole window) of a key, ending at `now`'s second.
+        """The last `seconds` complete seconds (default: the whole window) of a key before `now`.
 
-        A key without history gives zeros; reading never creates or refreshes a key.
+        The second `now` is in is still filling and left out, so every bucket is a whole
+        second. A key without history gives zeros; reading never creates or refreshes a key.
         """
         span = self.window if seconds is None else max(1, min(seconds, self.window))
-        end = int(now)
+        end = int(now) - 1
         first = end - span + 1
         ring = self._keys.get(key_fp)
         if ring is None:
@@ -207,7 +211,7 @@ class History:
             return Snapshot(end, zeros, zeros[:], zeros[:], 0, None, None, 0)
         series: tuple[list[int], list[int], list[int]] = ([], [], [])
         stamps, counts = ring.stamps, ring.counts
-        size = self.window
+        size = ring.size
         for second in range(first, end + 1):
             i = second % size
             fresh = stamps[i] == second
@@ -233,7 +237,7 @@ class History:
         )
 
     def _count(self, ring: _KeyRing, series: int, second: int) -> int:
-        i = second % self.window
+        i = second % ring.size
         return ring.counts[series][i] if ring.stamps[i] == second else 0
 
     def totals(self) -> Iterator[tuple[str, int, int, int]]:

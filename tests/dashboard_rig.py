@@ -93,6 +93,21 @@ class Rig:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return statuses
 
+    async def load(self, seconds: float, concurrency: int = 16, v3_every: int = 5) -> list[int]:
+        """Keep `concurrency` clients calling for `seconds`; the statuses they got."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        statuses: list[int] = []
+        counter = iter(range(1_000_000))
+
+        async def worker() -> None:
+            while loop.time() < deadline:
+                n = next(counter)
+                statuses.append(await self.call("v3" if n % v3_every == v3_every - 1 else "v2"))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return statuses
+
 
 async def start_rig(
     start_server: ServerFactory,

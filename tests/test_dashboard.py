@@ -3,6 +3,8 @@ rejection and replay counted, the token state, the client hook, and no secret an
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -53,9 +55,16 @@ async def rig(
     return await start_rig(start_server, start_proxy, http, tmp_path, qps=200.0)
 
 
+async def whole_seconds_later(rig: Rig) -> None:
+    """Wait until the second of the last send is complete (the history shows whole seconds)."""
+    now = rig.app[DASHBOARD].engine.clock.time()
+    await asyncio.sleep(math.floor(now) + 1 - now + 0.01)
+
+
 async def test_the_json_shows_what_status_shows_and_counts_every_send(rig: Rig) -> None:
     statuses = await rig.burst(30)
     assert statuses == [200] * 30
+    await whole_seconds_later(rig)
     document = await rig.json("/dashboard.json")
     status = await rig.json("/status")
     key = dashboard_key(document)
@@ -102,6 +111,7 @@ async def test_gateway_rejections_and_replays_are_marked_where_they_happened(
     rig = await start_rig(start_server, start_proxy, http, tmp_path, sim_qps=5, qps=20.0)
     statuses = await rig.burst(16, concurrency=8, v3_every=1000)
     assert statuses == [200] * 16
+    await whole_seconds_later(rig)
     key = dashboard_key(await rig.json("/dashboard.json"))
     metrics = samples(await rig.text("/metrics"))
     rejections = metrics["ctct_proxy_upstream_quota_errors_total{kind=per_second}"]
@@ -161,6 +171,7 @@ async def test_no_secret_in_the_page_its_files_or_its_json(rig: Rig) -> None:
 
 async def test_clients_come_from_the_hook_and_shares_from_the_history(rig: Rig) -> None:
     await rig.burst(4)
+    await whole_seconds_later(rig)
     app = rig.app
     dashboard = app[DASHBOARD]
 
@@ -170,7 +181,7 @@ async def test_clients_come_from_the_hook_and_shares_from_the_history(rig: Rig) 
 
     dashboard.client_breakdown = breakdown
     feed = app[DASHBOARD].history
-    now = dashboard.engine.clock.time()
+    now = dashboard.engine.clock.time() - 1  # a whole second ago: in the last minute's count
     for _ in range(6):
         feed.sent(KEY_FP, now, client="crm-sync")
     for _ in range(2):

@@ -26,25 +26,29 @@ def test_events_land_in_their_second_and_oldest_comes_first() -> None:
     history.sent(KEY, T0 + 2.5)
     history.rejected(KEY, T0 + 2.6)
     history.replayed(KEY, T0 + 2.7)
+    history.sent(KEY, T0 + 3.1)  # the second still filling at the read: not shown yet
     snap = history.snapshot(KEY, T0 + 3.2, seconds=5)
-    assert snap.end == int(T0) + 3
-    assert snap.sends == [0, 2, 0, 1, 0]
-    assert snap.rejections == [0, 0, 0, 1, 0]
-    assert snap.replays == [0, 0, 0, 1, 0]
+    assert snap.end == int(T0) + 2
+    assert snap.sends == [0, 0, 2, 0, 1]
+    assert snap.rejections == [0, 0, 0, 0, 1]
+    assert snap.replays == [0, 0, 0, 0, 1]
     assert snap.sends_last_minute == 3
     assert len(history.snapshot(KEY, T0 + 3.2).sends) == WINDOW
+    assert history.snapshot(KEY, T0 + 4).sends_last_minute == 4
 
 
 def test_seconds_older_than_the_window_are_gone_even_where_their_bucket_is_reused() -> None:
     history = History()
     history.sent(KEY, T0)
     history.sent(KEY, T0 + 1)
-    # T0 + WINDOW maps onto T0's bucket: the old count must be cleared, not added to.
-    history.sent(KEY, T0 + WINDOW)
-    snap = history.snapshot(KEY, T0 + WINDOW)
-    assert sum(snap.sends) == 2
-    assert snap.sends[0] == 1  # T0 + 1, the oldest second still in the window
+    # The ring has WINDOW + 1 buckets: T0 + WINDOW + 1 reuses T0's, whose count must be
+    # cleared, not added to.
+    before = history.snapshot(KEY, T0 + WINDOW + 1.5)  # T0 + 1 .. T0 + WINDOW
+    assert (before.sends[0], sum(before.sends)) == (1, 1)
+    history.sent(KEY, T0 + WINDOW + 1)
+    snap = history.snapshot(KEY, T0 + WINDOW + 2)  # T0 + 2 .. T0 + WINDOW + 1
     assert snap.sends[-1] == 1
+    assert sum(snap.sends) == 1
     # Read much later without new events: nothing stale shows.
     later = history.snapshot(KEY, T0 + 5 * WINDOW)
     assert sum(later.sends) == 0
@@ -57,8 +61,8 @@ def test_sends_last_minute_counts_exactly_the_last_sixty_seconds() -> None:
     history = History()
     for second in range(120):
         history.sent(KEY, T0 + second)
-    assert history.snapshot(KEY, T0 + 119).sends_last_minute == MINUTE
-    assert history.snapshot(KEY, T0 + 119 + 30).sends_last_minute == 30
+    assert history.snapshot(KEY, T0 + 120).sends_last_minute == MINUTE
+    assert history.snapshot(KEY, T0 + 150).sends_last_minute == 30
 
 
 def test_wait_percentiles_cover_the_last_minute_only() -> None:
@@ -110,7 +114,7 @@ def test_named_clients_get_last_minute_shares_and_are_capped() -> None:
     for n in range(10):
         history.sent(KEY, T0 + 20 + n, client="bob")
     history.sent(KEY, T0 + 29)  # unnamed sends count for the key only
-    snap = history.snapshot(KEY, T0 + 29)
+    snap = history.snapshot(KEY, T0 + 30)
     assert snap.clients == {"alice": 30, "bob": 10}
     assert snap.sends_last_minute == 41
     # 90 s later (past a minute) nobody has sends in the last minute.
@@ -127,7 +131,7 @@ def test_a_wall_clock_stepping_back_reuses_buckets_without_failing() -> None:
     history = History()
     history.sent(KEY, T0 + 10)
     history.sent(KEY, T0 + 5)  # the clock went back 5 s
-    snap = history.snapshot(KEY, T0 + 10)
+    snap = history.snapshot(KEY, T0 + 11)
     assert sum(snap.sends) == 2
 
 
@@ -148,7 +152,7 @@ async def test_the_feed_stamps_events_with_its_clock() -> None:
     feed.replayed(KEY)
     feed.granted(KEY, 1.5, client="alice")
     feed.rejected(None)  # a key not known yet: nothing to record
-    snap = history.snapshot(KEY, clock.time(), seconds=2)
+    snap = history.snapshot(KEY, clock.time() + 1, seconds=2)
     assert snap.sends == [1, 1]
     assert snap.rejections == [0, 1]
     assert snap.replays == [0, 1]

@@ -141,7 +141,8 @@ class Dashboard:
             {
                 "name": name,
                 "sends_last_minute": sent.get(name, 0),
-                "share": round(sent.get(name, 0) / total, 4) if total else 0.0,
+                # Client counts move in 5-second steps: never more than the whole.
+                "share": round(min(1.0, sent.get(name, 0) / total), 4) if total else 0.0,
                 "queued": queued.get(name, (0, None))[0],
                 "lane": queued.get(name, (0, None))[1],
             }

@@ -258,21 +258,20 @@
 
   function drawChart(card, history, qps) {
     const chart = card.querySelector(".chart");
-    // The last bucket is the second still filling: leave it out.
-    const sends = history.sends.slice(0, -1);
-    const rejections = history.rejections.slice(0, -1);
-    const replays = history.replays.slice(0, -1);
+    // Whole seconds only: the server leaves out the one still filling.
+    const { sends, rejections, replays } = history;
     const n = sends.length;
-    const last = history.end - 1; // epoch second of the rightmost bar
+    const last = history.end; // epoch second of the rightmost bar
     put(card, "rejections_window", fmtInt(rejections.reduce((a, b) => a + b, 0)));
     put(card, "replays_window", fmtInt(replays.reduce((a, b) => a + b, 0)));
 
     const width = Math.max(320, Math.round(chart.getBoundingClientRect().width || 800));
     const height = 190;
-    const m = { left: 34, right: 10, top: 16, bottom: 22 };
+    const m = { left: 34, right: 50, top: 16, bottom: 22 };
     const w = width - m.left - m.right;
     const h = height - m.top - m.bottom;
     chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    chart.dataset.seconds = String(n);
     chart.replaceChildren();
 
     const top = niceCeiling(Math.max(qps * 1.25, ...sends, 1));
@@ -309,7 +308,8 @@
 
     // The qps limit.
     svg("line", { class: "qps", x1: m.left, x2: m.left + w, y1: y(qps), y2: y(qps) }, chart);
-    const qpsLabel = svg("text", { class: "qps-label", x: m.left + w - 2, y: y(qps) - 4, "text-anchor": "end" }, chart);
+    // Labelled in the right margin, where no bar can hide it.
+    const qpsLabel = svg("text", { class: "qps-label", x: m.left + w + 6, y: y(qps) + 4 }, chart);
     qpsLabel.textContent = `qps ${qps}`;
 
     // Gateway rejections: red triangles on the top edge; replays: amber dots above their bar.
@@ -338,7 +338,7 @@
     if (inflight) return;
     inflight = true;
     try {
-      const response = await fetch(`/dashboard.json?seconds=${windowSeconds + 1}`, { cache: "no-store" });
+      const response = await fetch(`/dashboard.json?seconds=${windowSeconds}`, { cache: "no-store" });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       const doc = await response.json();
       pollMs = Math.round((doc.poll_seconds || 1.5) * 1000);
