@@ -131,7 +131,9 @@ async def page_matches_status(chrome: Chrome, rig: Rig) -> bool:
 
 async def save_screenshot(chrome: Chrome, path: Path) -> None:
     """The whole page at 1280 px wide, as tall as it is (no scrollbar, nothing cut off)."""
-    height = await in_thread(chrome.execute_script, "return document.documentElement.scrollHeight")
+    height = await in_thread(
+        chrome.execute_script, "return Math.ceil(document.body.getBoundingClientRect().height)"
+    )
     metrics = {"width": 1280, "height": int(height), "deviceScaleFactor": 1, "mobile": False}
     await in_thread(chrome.execute_cdp_cmd, "Emulation.setDeviceMetricsOverride", metrics)
     await asyncio.sleep(2.0)  # one more poll at the new size, so the chart is drawn to fit
