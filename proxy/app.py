@@ -22,14 +22,16 @@ from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
 from proxy.edge import ops
+from proxy.edge.dashboard import DASHBOARD, Dashboard, add_dashboard_routes
 from proxy.edge.middleware import LEDGER, RequestLedger, edge_middleware
 from proxy.egress import upstream_session
 from proxy.errors import StartupError
 from proxy.exchange import expect_continue, forward
 from proxy.files import check_writable_dir
 from proxy.forward import Upstream
+from proxy.history import History, HistoryFeed
 from proxy.logs import get_logger
-from proxy.metrics import Metrics
+from proxy.metrics import ConfiguredLimits, Metrics
 from proxy.oauth.redis_store import RedisTokenStore
 from proxy.oauth.tokens import OAuthTokens, open_token_source
 from proxy.quota import FLUSH_INTERVAL, Limits, LocalBackend, QuotaBackend, QuotaEngine
@@ -51,6 +53,7 @@ def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Applica
     app.cleanup_ctx.extend([_quota_backend(backend), _token_source, _client_session, _request_path])
     app.on_shutdown.append(_on_shutdown)
     ops.add_routes(app)
+    add_dashboard_routes(app)
     app.router.add_route("*", "/v2/{tail:.*}", forward, expect_handler=expect_continue)
     app.router.add_route("*", "/v3/{tail:.*}", forward, expect_handler=expect_continue)
     return app
@@ -143,10 +146,13 @@ async def _request_path(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     backend = app[BACKEND]
     tokens = app[TOKENS]
+    clock = SystemClock()
+    feed = HistoryFeed(History(), clock)
     engine = QuotaEngine(
         Limits(config.qps, config.daily_quota, config.max_queue, config.pacing_margin),
         backend,
-        SystemClock(),
+        clock,
+        on_grant=feed.granted,
     )
     oauth = isinstance(tokens, OAuthTokens)
     state = AppState(
@@ -156,12 +162,20 @@ async def _request_path(app: web.Application) -> AsyncIterator[None]:
         upstream=Upstream(app[SESSION], {"v2": config.upstream_v2, "v3": config.upstream_v3}),
         injector=Injector(config.api_key, config.client_token),
         tokens=tokens,
-        metrics=Metrics(engine.status, backend.mode),
+        metrics=Metrics(
+            engine.status,
+            backend.mode,
+            history=feed.history,
+            limits=ConfiguredLimits(config.qps, config.daily_quota, config.max_wait),
+            oauth=tokens.status,
+        ),
+        feed=feed,
         v2_tokens=TokenSource(config.access_token) if oauth else None,
     )
     if isinstance(backend, RedisBackend):
         state.ready_checks.append(backend.ready_problem)
     app[STATE] = state
+    app[DASHBOARD] = Dashboard(config, engine, feed.history, backend.mode, tokens)
     app[LEDGER].metrics = state.metrics
     try:
         yield

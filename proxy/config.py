@@ -141,6 +141,24 @@ def _client_tokens(text: str) -> tuple[Secret, ...]:
     return tokens
 
 
+_FINGERPRINT_DIGITS = frozenset("0123456789abcdef")
+MAX_KEY_NAME_LENGTH = 64
+
+
+def _key_names(text: str) -> tuple[str, ...]:
+    names = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, name = part.rpartition("=")
+        if sep and (len(key) != 12 or not _FINGERPRINT_DIGITS.issuperset(key)):
+            raise ValueError("must be NAME or FINGERPRINT=NAME (12 hex digits, as /status shows)")
+        if not name or len(name) > MAX_KEY_NAME_LENGTH or not name.isprintable():
+            raise ValueError(f"must name a key in 1 to {MAX_KEY_NAME_LENGTH} printable characters")
+        names.append(part)
+    return tuple(names)
+
+
 def _log_format(text: str) -> LogFormat:
     if text == "console":
         return "console"
@@ -318,6 +336,14 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
     ),
     Setting(
+        "key_name",
+        "CTCT_PROXY_KEY_NAMES",
+        _key_names,
+        "a name for --api-key on the dashboard, or FINGERPRINT=NAME for any key "
+        "(repeatable; env: comma-separated)",
+        repeatable=True,
+    ),
+    Setting(
         "trust_network",
         "CTCT_PROXY_TRUST_NETWORK",
         _bool,
@@ -436,6 +462,7 @@ class Config:
     log_level: str = "info"
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     client_token: tuple[Secret, ...] = ()
+    key_name: tuple[str, ...] = ()
     trust_network: bool = False
     client_id: Secret | None = None
     client_secret: Secret | None = None
@@ -489,7 +516,7 @@ class Config:
                 given, source = setting.default, setting.flag
             try:
                 if setting.repeatable:
-                    parts: list[Secret] = []
+                    parts: list[object] = []
                     for item in given if isinstance(given, list) else [given]:
                         parts.extend(setting.parse(item))
                     values[setting.name] = tuple(parts)
@@ -506,6 +533,8 @@ class Config:
                 f"--host: listening on {config.host} needs --client-token (or --trust-network "
                 "if every program that can reach it may use your Constant Contact credentials)"
             )
+        if not config.api_key and any("=" not in name for name in config.key_name):
+            raise ConfigError("--key-name: a NAME without FINGERPRINT= names --api-key, not set")
         if config.refresh_token and not config.client_id:
             raise ConfigError("--client-id: is required with --refresh-token")
         return config

@@ -340,6 +340,10 @@ class TokenSource:
         """Whether the proxy's own credentials are usable."""
         return True
 
+    def status(self) -> dict[str, object]:
+        """What the dashboard shows of this source: its kind, never the token."""
+        return {"kind": "fixed" if self._token else "pass-through", "ready": True}
+
     async def current(self) -> str | None:
         """The token to send now, or None to pass the client's through."""
         return self._token.reveal() if self._token else None

@@ -233,6 +233,7 @@ class Exchange:
             return Deliver(response, prefix)
         error_key = error_key_for(kind, generation)
         self.state.metrics.quota_errors.labels(kind.value).inc()
+        self.state.feed.rejected(self.queue.fingerprint)
         if kind is QuotaKind.DAILY:
             wall = self.clock.time()
             until = next_reset(wall, self.state.config.v2_reset_hour if generation == "v2" else 0)
@@ -270,6 +271,7 @@ class Exchange:
             )
             record.replays += 1
             self.state.metrics.replays.inc()
+            self.state.feed.replayed(queue.fingerprint)
             return
         if outcome.reason is Reason.CONNECTION_LOST:
             if self.request.method not in IDEMPOTENT or self.connection_retried:

@@ -1,16 +1,21 @@
 """Prometheus metrics: counters and histograms on the request path, per-key gauges at scrape.
 
 Each app has its own registry, so several apps (tests, replicas in one process) never mix.
-Per-key gauges are read from the quota engine when scraped rather than updated per request.
+Per-key gauges are read from the quota engine when scraped rather than updated per request;
+so are the per-key send counters (from the dashboard's history), the configured limits (for
+dashboards and alerts to compare against) and the OAuth token state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from proxy.history import History
 
 _WAIT_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -57,6 +62,89 @@ class _KeyCollector(Collector):
         yield from (depth, used, left, spacing, paused, mode)
 
 
+@dataclass(frozen=True, slots=True)
+class ConfiguredLimits:
+    """The limits a dashboard or an alert compares the live figures with."""
+
+    qps: float
+    daily_quota: int
+    max_wait: float
+
+
+class _ActivityCollector(Collector):
+    """Sends per key (and per named client), the configured limits, the OAuth token state."""
+
+    def __init__(
+        self,
+        history: History | None,
+        limits: ConfiguredLimits | None,
+        oauth: Callable[[], Mapping[str, object]] | None,
+    ) -> None:
+        self._history = history
+        self._limits = limits
+        self._oauth = oauth
+
+    def collect(self) -> Iterator[Metric]:
+        if self._history is not None:
+            sends = CounterMetricFamily(
+                "ctct_proxy_upstream_sends",
+                "Requests let out of the queue to the upstream (replays included), per key; kept "
+                "for the most recently active keys.",
+                labels=["key"],
+            )
+            for key, sent, _, _ in self._history.totals():
+                sends.add_metric([key], float(sent))
+            clients = CounterMetricFamily(
+                "ctct_proxy_client_sends",
+                "Sends per key and named client (empty until the queues name clients).",
+                labels=["key", "client"],
+            )
+            for key, client, sent in self._history.client_totals():
+                clients.add_metric([key, client], float(sent))
+            yield from (sends, clients)
+        if self._limits is not None:
+            limits = self._limits
+            yield GaugeMetricFamily(
+                "ctct_proxy_qps_limit",
+                "Configured requests per second per key (--qps).",
+                value=limits.qps,
+            )
+            yield GaugeMetricFamily(
+                "ctct_proxy_daily_quota",
+                "Configured requests per key per UTC day (--daily-quota).",
+                value=float(limits.daily_quota),
+            )
+            yield GaugeMetricFamily(
+                "ctct_proxy_max_wait_seconds",
+                "Configured longest wait in the queue (--max-wait).",
+                value=limits.max_wait,
+            )
+        if self._oauth is not None:
+            state = self._oauth()
+            if state.get("kind") != "oauth":
+                return
+            yield CounterMetricFamily(
+                "ctct_proxy_oauth_refresh_failures",
+                "Failed OAuth access token refreshes since start.",
+                value=_number(state.get("failures_total")),
+            )
+            yield GaugeMetricFamily(
+                "ctct_proxy_oauth_refresh_failing",
+                "Refreshes failed in a row, not yet followed by a success (0: fine).",
+                value=_number(state.get("failures")),
+            )
+            expires_in = state.get("expires_in")
+            yield GaugeMetricFamily(
+                "ctct_proxy_oauth_token_expires_in_seconds",
+                "Seconds until the current access token expires (0: none, or expired).",
+                value=max(0.0, _number(expires_in)),
+            )
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 class Metrics:
     """The proxy's metrics, in a registry of their own."""
 
@@ -64,6 +152,10 @@ class Metrics:
         self,
         status: Callable[[], list[dict[str, object]]],
         mode: Callable[[], str],
+        *,
+        history: History | None = None,
+        limits: ConfiguredLimits | None = None,
+        oauth: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -99,6 +191,7 @@ class Metrics:
             "ctct_proxy_throttled", "429 answers the proxy gave, by kind.", ["kind"], registry=r
         )
         r.register(_KeyCollector(status, mode))
+        r.register(_ActivityCollector(history, limits, oauth))
         # `.labels()` validates and locks on every call; the children are few, so keep them.
         self._request_children: dict[tuple[str, int], Counter] = {}
 

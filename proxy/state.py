@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
 from proxy.forward import Upstream
+from proxy.history import HistoryFeed
 from proxy.metrics import Metrics
 from proxy.quota import QuotaBackend, QuotaEngine
 
@@ -26,6 +27,7 @@ class AppState:
     injector: Injector
     tokens: TokenSource
     metrics: Metrics
+    feed: HistoryFeed  # what the dashboard's history is told about sends, rejections, replays
     # v2's (fixed) token when `tokens` is v3's OAuth source; None: `tokens` serves both.
     v2_tokens: TokenSource | None = None
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)

@@ -491,6 +491,7 @@ class OAuthTokens(TokenSource):
         self._keeper: asyncio.Task[None] | None = None
         self._failure: RefreshFailed | None = None
         self._failures = 0
+        self._failures_total = 0  # every failed refresh since start (the metric's counter)
         self._retry_at = -math.inf
         self._refused: Secret | None = None  # a refresh token the server said is dead
         self._rejected: str | None = None  # an access token the upstream answered 401 to
@@ -506,6 +507,24 @@ class OAuthTokens(TokenSource):
     def tokens(self) -> TokenSet:
         """The token set in use (its repr shows no secret)."""
         return self._tokens
+
+    def status(self) -> dict[str, object]:
+        """The token state for the dashboard and /metrics: times and counts, never a token."""
+        now = self._clock.time()
+        tokens = self._tokens
+        has_access = tokens.access_token is not None
+        failure = self._failure
+        return {
+            "kind": "oauth",
+            "ready": self.ready,
+            "expires_in": round(tokens.expires_at - now, 1) if has_access else None,
+            "last_refresh": tokens.obtained_at if has_access else None,
+            "refreshing": self._inflight is not None,
+            "failures": self._failures,
+            "failures_total": self._failures_total,
+            "last_error": failure.code if failure is not None else None,
+            "retry_in": (round(max(0.0, self._retry_at - now), 1) if failure is not None else None),
+        }
 
     def start(self) -> None:
         """Start keeping the token fresh in the background (call within the running loop)."""
@@ -692,6 +711,7 @@ class OAuthTokens(TokenSource):
     def _failed(self, failure: RefreshFailed, tokens: TokenSet) -> None:
         self._failure = failure
         self._failures += 1
+        self._failures_total += 1
         if failure.refused:
             self._refused = tokens.refresh_token
         delay = min(MAX_RETRY, FIRST_RETRY * 2 ** (self._failures - 1))

@@ -351,6 +351,8 @@ class KeyQueue:
             ticket.state = TicketState.GRANTED
             ticket.granted_at = now
             ticket.future.set_result(None)
+            if self._engine.on_grant is not None:
+                self._engine.on_grant(key, now - ticket.enqueued)
             if now - slot_at > LATE:
                 # Late (the loop was busy, or a rejection's hold came in): space the next send
                 # from this one, at the spacing in force now.
@@ -392,6 +394,8 @@ class QuotaEngine:
     backend: QuotaBackend
     clock: Clock = field(default_factory=SystemClock)
     queues: dict[str, KeyQueue] = field(default_factory=dict)
+    # Told (key fingerprint, seconds queued) each time a request is let go to the upstream.
+    on_grant: Callable[[str, float], None] | None = None
 
     def queue_for(self, key: str) -> KeyQueue:
         """The queue of an upstream API key (created on first use)."""
