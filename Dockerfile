@@ -18,10 +18,12 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# Then the code, installed as a regular (non-editable) package without touching the deps.
+# Then the code, installed as a regular (non-editable) package without touching the deps;
+# the sources are not needed once installed.
 COPY proxy/ proxy/
-RUN pip install --no-deps . \
-    && cd / && rm -rf /src
+WORKDIR /
+RUN pip install --no-deps /src \
+    && rm -rf /src
 
 # A fixed numeric id, so that Kubernetes' runAsNonRoot can verify it without a passwd lookup.
 RUN groupadd --system --gid 10001 ctct \
@@ -36,7 +38,8 @@ USER 10001:10001
 # tokens (CTCT_PROXY_CLIENT_TOKENS) and refuses to start without them, unless
 # CTCT_PROXY_TRUST_NETWORK=true says every program that can reach it may use the
 # credentials: the image deliberately sets neither.
-# The grace fits `docker stop`'s default 10 s; raise both together (docs/operations.md).
+# The proxy is gone within the grace + 1 s: 9 s, inside `docker stop`'s and `podman stop`'s
+# default 10 s; raise both together (docs/operations.md).
 ENV CTCT_PROXY_HOST=0.0.0.0 \
     CTCT_PROXY_PORT=8080 \
     CTCT_PROXY_STATE_DIR=/var/lib/ctct-proxy \

@@ -746,8 +746,8 @@ def test_dockerfile_is_pinned_non_root_exec_form_and_layered() -> None:
     env = docker.env()
     assert env["CTCT_PROXY_HOST"] == "0.0.0.0"
     assert "CTCT_PROXY_TRUST_NETWORK" not in env  # client tokens stay required by default
-    # In-flight requests finish before `docker stop` (10 s by default) resorts to SIGKILL.
-    assert float(env["CTCT_PROXY_SHUTDOWN_GRACE"]) < 10
+    # The proxy is gone within the grace + 1 s, before `docker stop` (10 s) resorts to SIGKILL.
+    assert float(env["CTCT_PROXY_SHUTDOWN_GRACE"]) + 1 <= 10
     health = docker.healthcheck()
     assert health[:2] == ["python", "-c"]
     assert "/healthz" in health[2]
