@@ -33,6 +33,7 @@ from proxy.oauth.redis_store import RedisTokenStore
 from proxy.oauth.tokens import OAuthTokens, open_token_source
 from proxy.quota import FLUSH_INTERVAL, Limits, LocalBackend, QuotaBackend, QuotaEngine
 from proxy.quota.redis import RedisBackend
+from proxy.reads import reads_context
 from proxy.state import CONFIG, STATE, AppState
 
 log = get_logger("proxy")
@@ -47,7 +48,9 @@ def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Applica
     app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body)
     app[CONFIG] = config
     app[LEDGER] = RequestLedger()
-    app.cleanup_ctx.extend([_quota_backend(backend), _token_source, _client_session, _request_path])
+    app.cleanup_ctx.extend(
+        [_quota_backend(backend), _token_source, _client_session, _request_path, reads_context]
+    )
     app.on_shutdown.append(_on_shutdown)
     ops.add_routes(app)
     app.router.add_route("*", "/v2/{tail:.*}", forward, expect_handler=expect_continue)

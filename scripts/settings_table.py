@@ -12,6 +12,7 @@ START, END = "<!-- settings-table -->", "<!-- /settings-table -->"
 _DEFAULTS = {
     "state_dir": "`$XDG_DATA_HOME/ctct-proxy` (else `~/.local/share/ctct-proxy`)",
     "log_format": "`console` on a TTY, else `json`",
+    "coalesce": "`true` (coalescing on)",
 }
 
 

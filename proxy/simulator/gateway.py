@@ -310,6 +310,8 @@ class Simulator:
         self.ledger = ledger if ledger is not None else QuotaLedger(config)
         self._rng = random.Random(config.seed)
         self._expected_token = config.access_token
+        # Echoes served so far: each echo carries its number, so a reused answer shows.
+        self.echoes = 0
         self.oauth: OAuthServer | None = None
         if config.oauth_client_id is not None:
             self.oauth = OAuthServer(
@@ -409,7 +411,8 @@ class Simulator:
         else:
             verdict = self.ledger.arrive(checked)
             if verdict is Verdict.ACCEPTED:
-                answer = _echo(request, body, generation)
+                self.echoes += 1
+                answer = _echo(request, body, generation, self.echoes)
             else:
                 answer = self._rejections[generation][verdict].response()
         await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
@@ -465,9 +468,13 @@ class Simulator:
                 due = clock()
 
 
-def _echo(request: web.Request, body: bytes, generation: Generation) -> web.Response:
-    """What the upstream received, without values: query values and headers may be secrets."""
+def _echo(request: web.Request, body: bytes, generation: Generation, number: int) -> web.Response:
+    """What the upstream received, without values: query values and headers may be secrets.
+
+    `echo` numbers the answers the stand-in has given, so a client can tell a fresh one.
+    """
     payload = {
+        "echo": number,
         "method": request.method,
         "path": request.rel_url.raw_path,
         # items(), not keys(): multidict 7 folds repeated names, and a duplicate is news.
