@@ -208,7 +208,7 @@ class Flight:
 
     def __init__(self, read: Read, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
         self.read = read
-        self.deadline = deadline  # the leader's: a joiner must be willing to wait as long
+        self.deadline = deadline  # the leader's: the send comes by then, or a 429 does
         self.result: asyncio.Future[Answer | Handoff] = loop.create_future()
         self.task: asyncio.Task[None] | None = None
         self.joined = 0  # joiners still waiting
@@ -326,10 +326,11 @@ class Reads:
                 return await self._from_cache(request, queue, entry, now)
         flight = self.flights.get((read.method, read.key)) if self.coalesce else None
         if flight is not None:
-            if flight.deadline <= now + budget:
+            # Joined only when that send comes within this request's own wait budget: by the
+            # leader's deadline, or because even the back of the queue would be sent in time.
+            if flight.deadline <= now + budget or queue.predicted_wait() <= budget:
                 return await self._join(flight, request, queue, budget, exchange_for, now)
-            # It may wait less than that send may take: alone, as without coalescing.
-            return await exchange_for(budget).run()
+            return await exchange_for(budget).run()  # 429 at once, as without coalescing
         if not self.coalesce and not read.store:
             return await exchange_for(budget).run()
         queue.check(budget)
@@ -514,9 +515,8 @@ class Reads:
         self.flights.clear()
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Their errors, if any, have reached their clients already (Flight.landed).
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.cache is not None:
             self.cache.clear()
 

@@ -223,6 +223,26 @@ async def test_when_every_client_leaves_a_queued_read_is_never_sent(
     assert shown["reads"]["in_flight"] == 0
 
 
+async def test_a_read_joins_only_when_the_send_comes_within_its_wait_budget(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=1.0))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy / "v2/lists/first") as resp:  # takes this second's slot
+            assert resp.status == 200
+        leader = asyncio.ensure_future(get(http, proxy / "v2/lists"))
+        await asyncio.sleep(0.1)  # queued behind the first, about a second to go
+        hurried = await get(http, proxy / "v2/lists", Prefer="wait=0")
+        patient = await get(http, proxy / "v2/lists", Prefer="wait=5")
+        led = await leader
+    assert hurried[0] == 429  # at once, as if it were alone
+    assert (led[0], patient[0]) == (200, 200)
+    assert patient[1]["Cache-Status"] == "ctct-proxy; fwd=miss; collapsed"
+    assert patient[2] == led[2]
+    assert [s.raw_path for s in rec.seen] == ["/v2/lists/first", "/v2/lists"]
+
+
 async def test_an_answer_above_the_buffer_bound_is_streamed_and_joiners_send_their_own(
     recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
 ) -> None:
