@@ -1,7 +1,8 @@
 """The proxy application: routes and the resources it owns, each with its own cleanup.
 
 A request's path through the modules (docs/architecture.md): `edge.middleware` (record,
-errors, the request line) -> `exchange.forward` (admission, body) -> `quota` (the key's
+errors, the request line) -> `exchange.forward` (admission, body) -> `reads` (a GET or HEAD
+answered from the cache or sharing an identical one's send) -> `quota` (the key's
 queue) -> `exchange.Exchange` (attempts: credentials, send, classify) -> `forward` (the
 upstream client, streaming back). `edge.ops` answers the operator endpoints.
 

@@ -77,7 +77,7 @@ _MAX_UPSTREAM_AGE = 86_400
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """A GET or HEAD that may share an answer: its key, the paths it belongs to, what it allows."""
+    """A GET or HEAD that may share an answer: its key, the path it belongs to, what it allows."""
 
     key: bytes  # the same for GET and HEAD of one resource (a HEAD may use a stored GET)
     method: str
@@ -195,6 +195,7 @@ class Flight:
     """One send that identical reads share, and the clients waiting for its answer."""
 
     __slots__ = (
+        "abandoned",
         "deadline",
         "joined",
         "leader_done",
@@ -217,6 +218,7 @@ class Flight:
         self.leader_done: asyncio.Future[None] = loop.create_future()
         self.store = read.store  # cleared when a write to its path comes through meanwhile
         self.stored = False
+        self.abandoned = False  # called off: a read arriving now leads a new one
 
     @property
     def key(self) -> tuple[str, bytes]:
@@ -235,6 +237,7 @@ class Flight:
                 self.leader_waiting = False
             nobody = not self.joined and not self.leader_waiting
             if nobody and not self.result.done() and self.task is not None:
+                self.abandoned = True
                 self.task.cancel()
 
     def leader_left(self) -> None:
@@ -325,7 +328,7 @@ class Reads:
             if entry is not None and (read.max_age is None or now - entry.stored <= read.max_age):
                 return await self._from_cache(request, queue, entry, now)
         flight = self.flights.get((read.method, read.key)) if self.coalesce else None
-        if flight is not None:
+        if flight is not None and not flight.abandoned:
             # Joined only when that send comes within this request's own wait budget: by the
             # leader's deadline, or because even the back of the queue would be sent in time.
             if flight.deadline <= now + budget or queue.predicted_wait() <= budget:
@@ -424,7 +427,7 @@ class Reads:
         self._detach(flight)
         flight.result.set_result(Handoff(response, outcome_prefix))
         if flight.leader_waiting:
-            # The response stays open (and the send's slot held) until the leader has it all.
+            # The response stays open (the attempt releases it) until the leader has it all.
             await flight.leader_done
 
     def _detach(self, flight: Flight) -> None:

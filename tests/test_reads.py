@@ -75,6 +75,12 @@ async def configured_proxy(
     return await start_proxy(proxy_config(tmp_path, upstream, **{**settings, **overrides}))
 
 
+def waiting(server: TestServer) -> tuple[int, int]:
+    """Clients waiting on the proxy's flights: (leaders, joiners)."""
+    flights = server.app[READS].flights.values()
+    return sum(f.leader_waiting for f in flights), sum(f.joined for f in flights)
+
+
 def fake_clock(server: TestServer) -> FakeClock:
     """Put the reads' clock (Age, freshness) under the test's control."""
     clock = FakeClock()
@@ -157,14 +163,17 @@ async def test_a_joiner_that_leaves_does_not_call_the_send_off(
         return web.json_response({"n": len(rec.seen)})
 
     rec.answer = slow
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream))
+    server, proxy = await start_proxy(proxy_config(tmp_path, upstream))
     url = proxy / "v3/contacts"
     async with aiohttp.ClientSession() as stay, aiohttp.ClientSession() as leave:
         leader = asyncio.ensure_future(get(stay, url))
         await _eventually(lambda: len(rec.seen) == 1)
         joiner = asyncio.ensure_future(get(stay, url))
+        leaver = asyncio.ensure_future(leave.get(url, timeout=aiohttp.ClientTimeout(total=0.3)))
+        await _eventually(lambda: waiting(server) == (1, 2))
         with pytest.raises(asyncio.TimeoutError):
-            await leave.get(url, timeout=aiohttp.ClientTimeout(total=0.3))
+            await leaver
+        await _eventually(lambda: waiting(server) == (1, 1))  # the proxy saw it go
         release.set()
         (s1, _, b1), (s2, h2, b2) = await asyncio.gather(leader, joiner)
     assert (s1, s2) == (200, 200)
@@ -184,15 +193,16 @@ async def test_the_leader_leaving_does_not_call_the_send_off_while_others_wait(
         return web.json_response({"answered": True})
 
     rec.answer = slow
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream))
+    server, proxy = await start_proxy(proxy_config(tmp_path, upstream))
     url = proxy / "v2/lists"
     async with aiohttp.ClientSession() as stay, aiohttp.ClientSession() as leave:
         leader = asyncio.ensure_future(leave.get(url, timeout=aiohttp.ClientTimeout(total=0.5)))
         await _eventually(lambda: len(rec.seen) == 1)
         joiners = [asyncio.ensure_future(get(stay, url)) for _ in range(2)]
+        await _eventually(lambda: waiting(server) == (1, 2))
         with pytest.raises(asyncio.TimeoutError):
             await leader
-        await asyncio.sleep(0.1)  # the proxy has seen the leader go
+        await _eventually(lambda: waiting(server) == (0, 2))  # the proxy saw the leader go
         release.set()
         answers = await asyncio.gather(*joiners)
     assert [(s, json.loads(b)) for s, _, b in answers] == [(200, {"answered": True})] * 2
@@ -227,12 +237,13 @@ async def test_a_read_joins_only_when_the_send_comes_within_its_wait_budget(
     recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     rec, upstream = recorder
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=1.0))
+    server, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=1.0))
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy / "v2/lists/first") as resp:  # takes this second's slot
             assert resp.status == 200
         leader = asyncio.ensure_future(get(http, proxy / "v2/lists"))
-        await asyncio.sleep(0.1)  # queued behind the first, about a second to go
+        # Queued behind the first, about a second to go.
+        await _eventually(lambda: waiting(server) == (1, 0))
         hurried = await get(http, proxy / "v2/lists", Prefer="wait=0")
         patient = await get(http, proxy / "v2/lists", Prefer="wait=5")
         led = await leader
@@ -255,13 +266,13 @@ async def test_an_answer_above_the_buffer_bound_is_streamed_and_joiners_send_the
         return web.Response(body=big, content_type="application/octet-stream")
 
     rec.answer = large
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, cache_ttl=60.0))
+    server, proxy = await start_proxy(proxy_config(tmp_path, upstream, cache_ttl=60.0))
     url = proxy / "v3/activities/export"
     async with aiohttp.ClientSession() as http:
         leader = asyncio.ensure_future(get(http, url))
         await _eventually(lambda: len(rec.seen) == 1)
         joiners = [asyncio.ensure_future(get(http, url)) for _ in range(2)]
-        await asyncio.sleep(0.1)
+        await _eventually(lambda: waiting(server) == (1, 2))
         release.set()
         answers = await asyncio.gather(leader, *joiners)
         again = await get(http, url)  # too large to store as well
@@ -283,13 +294,13 @@ async def test_an_answer_that_sets_a_cookie_is_neither_shared_nor_stored(
         return response
 
     rec.answer = cookie
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, cache_ttl=60.0))
+    server, proxy = await start_proxy(proxy_config(tmp_path, upstream, cache_ttl=60.0))
     url = proxy / "v3/account/summary"
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
         first = asyncio.ensure_future(get(http, url))
         await _eventually(lambda: len(rec.seen) == 1)
         second = asyncio.ensure_future(get(http, url))
-        await asyncio.sleep(0.1)
+        await _eventually(lambda: waiting(server) == (1, 1))
         release.set()
         answers = await asyncio.gather(first, second)
         third = await get(http, url)
