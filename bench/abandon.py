@@ -44,6 +44,8 @@ async def main() -> None:
                 "4",
                 "--max-wait",
                 "120",
+                # Every request its own send: this measures the queue, not shared reads.
+                "--no-coalesce",
                 "--upstream-v2",
                 f"http://127.0.0.1:{up_port}",
                 "--upstream-v3",

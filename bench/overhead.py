@@ -123,9 +123,12 @@ def start_proxy(
     args += [*OUT_OF_THE_WAY, "--api-key", "bench-api-key", "--access-token", "bench-token"]
     args += ["--state-dir", str(state), "--log-level", level, "--log-format", "json"]
     # `-m` puts the working directory first on sys.path: the tree's own package is the one run.
+    # wrk repeats one GET: coalesced, concurrent ones would share sends and skip the path
+    # being measured (set through the environment, which older trees simply ignore).
     return subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", *args],
         cwd=tree,
+        env={**os.environ, "CTCT_PROXY_COALESCE": "false"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -70,6 +70,8 @@ async def main() -> None:
                 str(args.qps),
                 "--max-wait",
                 "3600",
+                # Every request its own send: this measures the queue, not shared reads.
+                "--no-coalesce",
                 "--max-queue",
                 str(args.requests),
                 "--state-dir",

@@ -131,6 +131,8 @@ async def main() -> None:
             state,
             "--max-wait",
             "60",
+            # Every request its own send: this measures the queue, not shared reads.
+            "--no-coalesce",
         ]
         if args.pacing_margin is not None:
             proxy_args += ["--pacing-margin", str(args.pacing_margin)]

@@ -169,6 +169,8 @@ async def main() -> None:
                 str(Path(tmp) / f"state-{i}"),
                 "--max-wait",
                 "60",
+                # Every request its own send: this measures the queue, not shared reads.
+                "--no-coalesce",
                 "--redis-url",
                 redis.url,
                 "--replicas",

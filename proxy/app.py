@@ -1,7 +1,8 @@
 """The proxy application: routes and the resources it owns, each with its own cleanup.
 
 A request's path through the modules (docs/architecture.md): `edge.middleware` (record,
-errors, the request line) -> `exchange.forward` (admission, body) -> `quota` (the key's
+errors, the request line) -> `exchange.forward` (admission, body) -> `reads` (a GET or HEAD
+answered from the cache or sharing an identical one's send) -> `quota` (the key's
 queue) -> `exchange.Exchange` (attempts: credentials, send, classify) -> `forward` (the
 upstream client, streaming back). `edge.ops` answers the operator endpoints.
 
@@ -36,6 +37,7 @@ from proxy.oauth.redis_store import RedisTokenStore
 from proxy.oauth.tokens import OAuthTokens, open_token_source
 from proxy.quota import FLUSH_INTERVAL, Limits, LocalBackend, QuotaBackend, QuotaEngine
 from proxy.quota.redis import RedisBackend
+from proxy.reads import reads_context
 from proxy.state import CONFIG, STATE, AppState
 
 log = get_logger("proxy")
@@ -50,7 +52,9 @@ def make_app(config: Config, backend: QuotaBackend | None = None) -> web.Applica
     app = web.Application(middlewares=[edge_middleware], client_max_size=config.max_body)
     app[CONFIG] = config
     app[LEDGER] = RequestLedger()
-    app.cleanup_ctx.extend([_quota_backend(backend), _token_source, _client_session, _request_path])
+    app.cleanup_ctx.extend(
+        [_quota_backend(backend), _token_source, _client_session, _request_path, reads_context]
+    )
     app.on_shutdown.append(_on_shutdown)
     ops.add_routes(app)
     add_dashboard_routes(app)

@@ -40,6 +40,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_UPSTREAM_TIMEOUT = 60.0
 DEFAULT_SHUTDOWN_GRACE = 25.0
 DEFAULT_REPLICAS = 1
+DEFAULT_CACHE_TTL = 0.0  # off: answers are reused only when a user opts in
+DEFAULT_CACHE_MAX_BYTES = 16 * 1024 * 1024
 
 LogFormat = Literal["console", "json"]
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -194,10 +196,13 @@ class Setting:
     is_flag: bool = False
     # Variables other programs read for the same thing, consulted after `env` (first wins).
     also_env: tuple[str, ...] = ()
+    # A switch that turns a default off (`--no-coalesce`) names itself and the value it sets.
+    switch: str | None = None
+    switch_value: str = "true"
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.switch or "--" + self.name.replace("_", "-")
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -352,6 +357,30 @@ SETTINGS: tuple[Setting, ...] = (
         is_flag=True,
     ),
     Setting(
+        "coalesce",
+        "CTCT_PROXY_COALESCE",
+        _bool,
+        "identical concurrent GET/HEAD requests each get their own send (default: they share one)",
+        "true",
+        is_flag=True,
+        switch="--no-coalesce",
+        switch_value="false",
+    ),
+    Setting(
+        "cache_ttl",
+        "CTCT_PROXY_CACHE_TTL",
+        _non_negative_float,
+        "seconds a successful GET answer may be reused (0 = no cache)",
+        str(DEFAULT_CACHE_TTL),
+    ),
+    Setting(
+        "cache_max_bytes",
+        "CTCT_PROXY_CACHE_MAX_BYTES",
+        _positive_int,
+        "most bytes of answers the cache keeps; least recently used go first",
+        str(DEFAULT_CACHE_MAX_BYTES),
+    ),
+    Setting(
         "client_id",
         "CTCT_CLIENT_ID",
         _secret,
@@ -464,6 +493,9 @@ class Config:
     client_token: tuple[Secret, ...] = ()
     key_name: tuple[str, ...] = ()
     trust_network: bool = False
+    coalesce: bool = True
+    cache_ttl: float = DEFAULT_CACHE_TTL
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     client_id: Secret | None = None
     client_secret: Secret | None = None
     refresh_token: Secret | None = None
@@ -547,7 +579,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help_text += f"; default {setting.default}]" if setting.default is not None else "]"
         if setting.is_flag:
             parser.add_argument(
-                setting.flag, dest=setting.name, action="store_const", const="true", help=help_text
+                setting.flag,
+                dest=setting.name,
+                action="store_const",
+                const=setting.switch_value,
+                help=help_text,
             )
         elif setting.repeatable:
             parser.add_argument(setting.flag, dest=setting.name, action="append", help=help_text)

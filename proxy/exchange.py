@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import enum
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -58,6 +59,7 @@ from proxy.forward import (
 )
 from proxy.logs import get_logger
 from proxy.quota import KeyQueue, Ticket, next_reset
+from proxy.reads import READS, WRITE_METHODS
 from proxy.state import STATE, AppState
 from proxy.upstream_errors import (
     QUOTA_BODY_LIMIT,
@@ -68,6 +70,7 @@ from proxy.upstream_errors import (
 )
 
 log = get_logger("proxy")
+T = TypeVar("T")
 
 # A request replayed this often after gateway quota rejections is answered 429: the gateway
 # keeps refusing it, and a bounded loop is the only safe one.
@@ -150,6 +153,10 @@ class Exchange:
 
     async def run(self) -> web.StreamResponse:
         """Queue, send, classify, until one attempt delivers or fails."""
+        return await self.run_with(self._deliver)
+
+    async def run_with(self, deliver: Callable[[Deliver], Awaitable[T]]) -> T:
+        """`run`, handing the answer to `deliver` while it is open (proxy/reads.py shares it)."""
         queue = self.queue
         ticket = queue.admit(self.budget)
         try:
@@ -161,7 +168,7 @@ class Exchange:
                 async with self._attempt() as outcome:
                     if isinstance(outcome, Deliver):
                         queue.sent_ok()
-                        return await self._deliver(outcome)
+                        return await deliver(outcome)
                 if isinstance(outcome, Fail):
                     if outcome.pause_until is not None:
                         await queue.pause_daily(outcome.pause_until)
@@ -282,6 +289,16 @@ class Exchange:
         record.retries += 1
 
     async def _deliver(self, outcome: Deliver) -> web.StreamResponse:
+        return await stream_back(
+            self.request,
+            outcome.response,
+            self.answer_fields(),
+            outcome.prefix,
+            self.state.upstream.bases,
+        )
+
+    def answer_fields(self) -> list[tuple[str, str]]:
+        """The proxy's own fields on this request's answer (and the record's final outcome)."""
         state, record, queue = self.state, self.record, self.queue
         if record.outcome == "forwarded" and (record.replays or record.retries):
             record.outcome = "replayed"
@@ -293,9 +310,7 @@ class Exchange:
         preferred = wait_preference(self.request.headers.get("Prefer"))
         if preferred is not None and preferred <= state.config.max_wait:
             extra.append(("Preference-Applied", f"wait={preferred}"))
-        return await stream_back(
-            self.request, outcome.response, extra, outcome.prefix, state.upstream.bases
-        )
+        return extra
 
 
 # -- admission: from an arriving request to an exchange ------------------------------------
@@ -332,12 +347,25 @@ async def forward(request: web.Request) -> web.StreamResponse:
         budget = float(preferred)
     queue = await state.engine.load(arrival.quota_key)
     record.queue = queue
+    reads = request.app[READS]
+    read = reads.match(request, target, arrival)
+    if read is not None:
+        # A GET or HEAD that may share an answer: cached, in flight, or about to be (reads.py).
+        return await reads.answer(
+            read,
+            request,
+            queue,
+            budget,
+            lambda wait: Exchange(state, request, target, queue, arrival, b"", wait),
+        )
     # Refuse before reading a body that could not be sent in time anyway.
     queue.check(budget)
     body = b""
     if request.body_exists:
         body = await read_body(request, state.config.max_body, state.config.body_timeout)
     exchange = Exchange(state, request, target, queue, arrival, body, budget)
+    if request.method in WRITE_METHODS:
+        return await reads.writing(target, exchange.run())
     return await exchange.run()
 
 

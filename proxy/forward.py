@@ -195,7 +195,7 @@ def own_base(request: web.BaseRequest) -> str:
     return f"{request.scheme}://{host}"
 
 
-def _relocate_fields(
+def relocate_fields(
     headers: CIMultiDict[str], upstreams: Sequence[URL], request: web.BaseRequest
 ) -> None:
     base: str | None = None
@@ -326,7 +326,7 @@ async def stream_back(
     headers = response.headers
     _copy_response_headers(upstream.headers, headers)
     if upstreams:
-        _relocate_fields(headers, upstreams, request)
+        relocate_fields(headers, upstreams, request)
     headers.extend(extra)
     length = upstream.headers.get("Content-Length")
     whole = prefix is not None and upstream.content.at_eof()

@@ -14,6 +14,7 @@ _DEFAULTS = {
     "log_format": "`console` on a TTY, else `json`",
     "ca_bundle": "system trust (`SSL_CERT_FILE` honoured)",
     "egress_proxy": "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`",
+    "coalesce": "`true` (coalescing on)",
 }
 
 

@@ -143,6 +143,8 @@ async def start_rig(
         "key_name": (KEY_NAME,),
         **overrides,
     }
+    # Every request is its own send here: the dashboard is checked against the upstream's count.
+    settings.setdefault("coalesce", False)
     server, proxy = await start_proxy(proxy_config(tmp_path, sim_url, **settings))
     return Rig(sim_app[SIMULATOR], sim_url, proxy, server.app, http)
 

@@ -273,7 +273,10 @@ async def test_neighbour_spending_the_key_causes_no_client_errors(
         )
     )
     sim_url = sim.make_url("")
-    _, proxy = await start_proxy(proxy_config(tmp_path, sim_url, qps=4.0, api_key=Secret("KEY-N")))
+    # Each of the identical reads its own send (no coalescing): 16 sends for the neighbour to meet.
+    _, proxy = await start_proxy(
+        proxy_config(tmp_path, sim_url, qps=4.0, api_key=Secret("KEY-N"), coalesce=False)
+    )
     responses = await asyncio.gather(*(http.get(proxy / "v2/lists") for _ in range(16)))
     assert [r.status for r in responses] == [200] * 16
     async with http.get(sim_url / "__sim__/stats") as resp:

@@ -316,7 +316,8 @@ async def test_401_refreshes_once_and_replays_for_every_waiting_request(
     log_text: io.StringIO,
 ) -> None:
     sim, sim_url = await start_sim(start_server, rotate_refresh_tokens=True)
-    _, proxy = await start_proxy(oauth_config(tmp_path, sim_url))
+    # Each identical read its own send (no coalescing): every one of them meets the 401.
+    _, proxy = await start_proxy(oauth_config(tmp_path, sim_url, coalesce=False))
 
     # Cold start: many requests, one token call.
     answers = await asyncio.gather(*(get_v3(http, proxy) for _ in range(30)))

@@ -417,7 +417,8 @@ async def test_at_warning_no_request_lines_but_the_metrics_count_every_request(
     stream = io.StringIO()
     logs.configure("json", "warning", stream=stream)
     sim = await start_simulator(start_server, qps=1000)
-    _, proxy = await start_proxy(configured(tmp_path, sim, qps=50.0))
+    # Each identical read its own send (no coalescing), so that each is counted as forwarded.
+    _, proxy = await start_proxy(configured(tmp_path, sim, qps=50.0, coalesce=False))
 
     async def get() -> int:
         async with http.get(raw_url(proxy, V2_CONTACTS), headers=CLIENT) as resp:
@@ -439,7 +440,8 @@ async def test_metrics_move_as_requests_flow_and_hold_no_secret(
     tmp_path: Path,
 ) -> None:
     sim = await start_simulator(start_server, qps=1)
-    config = configured(tmp_path, sim, qps=4.0)
+    # Each identical read its own send (no coalescing): three queued, one at a time.
+    config = configured(tmp_path, sim, qps=4.0, coalesce=False)
     _, proxy = await start_proxy(config)
     _, before = await scrape(http, proxy)
     assert value(before, "ctct_proxy_shared_mode", mode="local") == 1
@@ -608,7 +610,8 @@ async def test_sigterm_finishes_in_flight_answers_queued_503_and_exits_0(
         [sys.executable, "-m", "proxy", "serve", "--port", "0", "--qps", "1",
          "--upstream-v2", str(sim), "--upstream-v3", str(sim),
          "--api-key", API_KEY, "--access-token", ACCESS_TOKEN,
-         "--state-dir", str(state_dir), "--shutdown-grace", str(grace), "--log-format", "json"],
+         "--state-dir", str(state_dir), "--shutdown-grace", str(grace), "--log-format", "json",
+         "--no-coalesce"],  # three sends of one read: one in flight, two queued
         child_env(),
         tmp_path,
     )  # fmt: skip

@@ -43,7 +43,10 @@ async def test_a_burst_against_the_rolling_window_sees_no_quota_error(
     sim_url = sim.make_url("")
     # In-process simulator: the shared event loop adds to the 20 ms jitter, hence the margin.
     _, proxy = await start_proxy(
-        proxy_config(tmp_path, sim_url, qps=4.0, api_key=Secret("KEY"), pacing_margin=0.06)
+        # Each identical read its own send (no coalescing): 14 sends to pace.
+        proxy_config(
+            tmp_path, sim_url, qps=4.0, api_key=Secret("KEY"), pacing_margin=0.06, coalesce=False
+        )
     )
     answers = await asyncio.gather(*(http.get(proxy / "v2/contacts") for _ in range(14)))
     assert [a.status for a in answers] == [200] * 14
@@ -67,7 +70,8 @@ async def test_429_at_once_when_the_wait_is_beyond_prefer(
     tmp_path: Path,
 ) -> None:
     _, upstream = recorder
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=2.0))
+    # Each identical read its own place in the queue (no coalescing): 5 ahead.
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=2.0, coalesce=False))
     ahead = [asyncio.ensure_future(http.get(proxy / path)) for _ in range(5)]
     await asyncio.sleep(0.2)
     loop = asyncio.get_running_loop()
@@ -136,7 +140,8 @@ async def test_a_client_that_leaves_the_queue_is_never_sent(
     recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     rec, upstream = recorder
-    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=2.0))
+    # Each identical read its own place in the queue (no coalescing).
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, qps=2.0, coalesce=False))
     async with aiohttp.ClientSession() as patient, aiohttp.ClientSession() as impatient:
         ahead = [
             asyncio.ensure_future(

@@ -53,6 +53,8 @@ async def _pair(
             qps=float(QPS),
             max_wait=MAX_WAIT,
             pacing_margin=PACING_MARGIN,
+            # The recipes repeat one URL; each call must be its own send for the count to hold.
+            coalesce=False,
             **overrides,
         )
     )

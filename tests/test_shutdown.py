@@ -52,7 +52,7 @@ async def serve_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[S
              "--upstream-v2", str(upstream), "--upstream-v3", str(upstream),
              "--api-key", API_KEY, "--access-token", ACCESS_TOKEN,
              "--state-dir", str(tmp_path / "state"), "--shutdown-grace", str(GRACE),
-             "--log-format", "json", *extra],
+             "--log-format", "json", "--no-coalesce", *extra],
             child_env(),
             tmp_path,
         )  # fmt: skip

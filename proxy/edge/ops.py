@@ -7,6 +7,7 @@ import json
 from aiohttp import web
 
 from proxy.credentials import redact
+from proxy.reads import READS
 from proxy.state import STATE
 
 
@@ -45,6 +46,7 @@ async def status_page(request: web.Request) -> web.Response:
         "daily_quota": config.daily_quota,
         "upstreams": {"v2": str(config.upstream_v2), "v3": str(config.upstream_v3)},
         "keys": state.engine.status(),
+        "reads": request.app[READS].status(),
     }
     return web.Response(text=redact(json.dumps(body)), content_type="application/json")
 

@@ -312,6 +312,8 @@ class Simulator:
         self.ledger = ledger if ledger is not None else QuotaLedger(config)
         self._rng = random.Random(config.seed)
         self._expected_token = config.access_token
+        # Echoes served so far: each echo carries its number, so a reused answer shows.
+        self.echoes = 0
         self.oauth: OAuthServer | None = None
         if config.oauth_client_id is not None:
             self.oauth = OAuthServer(
@@ -411,11 +413,12 @@ class Simulator:
             answer = checked.answer.response()
         else:
             verdict = self.ledger.arrive(checked)
-            if verdict is Verdict.ACCEPTED and self._misbehave_now():
-                await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
-                return await self._fault(request, _echo(request, body, generation), generation)
             if verdict is Verdict.ACCEPTED:
-                answer = _echo(request, body, generation)
+                self.echoes += 1
+                answer = _echo(request, body, generation, self.echoes)
+                if self._misbehave_now():
+                    await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
+                    return await self._fault(request, answer, generation)
             else:
                 answer = self._rejections[generation][verdict].response()
         await _travel(self._delay(self.config.latency_out, self.config.jitter_out))
@@ -507,9 +510,13 @@ class Simulator:
                 due = clock()
 
 
-def _echo(request: web.Request, body: bytes, generation: Generation) -> web.Response:
-    """What the upstream received, without values: query values and headers may be secrets."""
+def _echo(request: web.Request, body: bytes, generation: Generation, number: int) -> web.Response:
+    """What the upstream received, without values: query values and headers may be secrets.
+
+    `echo` numbers the answers the stand-in has given, so a client can tell a fresh one.
+    """
     payload = {
+        "echo": number,
         "method": request.method,
         "path": request.rel_url.raw_path,
         # items(), not keys(): multidict 7 folds repeated names, and a duplicate is news.
