@@ -13,12 +13,14 @@ import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from proxy.clients import client_name, urgency
 from proxy.config import Config, ConfigError
 from proxy.credentials import ClientToken, Secret, client_token_label
 from proxy.errors import Throttled
+from proxy.metrics import CLIENT_SERIES, OTHER_CLIENT, Metrics
 from proxy.quota import LANE_ROUND, KeyQueue, Ticket
 from proxy.quota.fair import FairOrder, TicketState
 from proxy.simulator import SimulatorConfig, make_simulator_app
@@ -444,3 +446,20 @@ def test_a_token_is_named_only_by_a_valid_name_and_a_real_token() -> None:
     ]
     with pytest.raises(ConfigError, match="at least 16"):
         Config.from_sources({"client_token": ["web-app=short"]}, {})
+
+
+def test_the_client_send_counter_is_bounded_in_series() -> None:
+    metrics = Metrics(list, lambda: "local")
+    for i in range(CLIENT_SERIES + 5):
+        metrics.count_client_sends(f"client-{i}", 2)
+    metrics.count_client_sends("client-0", 1)  # a client with a series keeps it
+    found = {
+        sample.labels["client"]: sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        if family.name == "ctct_proxy_client_sends"
+        for sample in family.samples
+        if sample.name == "ctct_proxy_client_sends_total"
+    }
+    assert len(found) == CLIENT_SERIES + 1
+    assert found["client-0"] == 3 and found["client-19"] == 2
+    assert found[OTHER_CLIENT] == 5 * 2

@@ -2,9 +2,9 @@
 
 The queue is the product's own idea: a fair order between the programs that share a key
 (`fair.py`: lanes by urgency, clients in turn, FIFO within a client), a predicted wait for
-every arrival, a place given up when the client leaves. What is shared between replicas (the next free send
-slot, the day's count, pauses) sits behind `QuotaBackend`, so the Redis backend replaces
-the in-process one without touching the request path.
+every arrival, a place given up when the client leaves. What is shared between replicas
+(the next free send slot, the day's count, pauses) sits behind `QuotaBackend`, so the Redis
+backend replaces the in-process one without touching the request path.
 
 Pacing model: sends of one key are spaced `(1 s + margin) / qps` apart, measured from the
 previous actual send. Uniform spacing is what a rolling one-second window at the far end
