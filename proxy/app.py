@@ -23,7 +23,7 @@ from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
 from proxy.edge import ops
-from proxy.edge.dashboard import DASHBOARD, Dashboard, add_dashboard_routes
+from proxy.edge.dashboard import DASHBOARD, ClientQueue, Dashboard, add_dashboard_routes
 from proxy.edge.middleware import LEDGER, RequestLedger, edge_middleware
 from proxy.egress import upstream_session
 from proxy.errors import StartupError
@@ -35,7 +35,7 @@ from proxy.logs import get_logger
 from proxy.metrics import ConfiguredLimits, Metrics
 from proxy.oauth.redis_store import RedisTokenStore
 from proxy.oauth.tokens import OAuthTokens, open_token_source
-from proxy.quota import FLUSH_INTERVAL, Limits, LocalBackend, QuotaBackend, QuotaEngine
+from proxy.quota import FLUSH_INTERVAL, KeyQueue, Limits, LocalBackend, QuotaBackend, QuotaEngine
 from proxy.quota.redis import RedisBackend
 from proxy.reads import reads_context
 from proxy.state import CONFIG, STATE, AppState
@@ -179,13 +179,24 @@ async def _request_path(app: web.Application) -> AsyncIterator[None]:
     if isinstance(backend, RedisBackend):
         state.ready_checks.append(backend.ready_problem)
     app[STATE] = state
-    app[DASHBOARD] = Dashboard(config, engine, feed.history, backend.mode, tokens)
+    app[DASHBOARD] = Dashboard(
+        config, engine, feed.history, backend.mode, tokens, client_breakdown=client_queues
+    )
     app[LEDGER].metrics = state.metrics
     try:
         yield
     finally:
         app[LEDGER].flush()
         engine.shutdown(retry_after=1)
+
+
+def client_queues(queue: KeyQueue) -> list[ClientQueue]:
+    """The dashboard's per-client rows of a key: its fair-share queues (names, never tokens)."""
+    lanes = queue.client_lanes()
+    return [
+        ClientQueue(str(row["client"]), int(str(row["queued"])), lanes.get(str(row["client"])))
+        for row in queue.clients_status()
+    ]
 
 
 async def _on_shutdown(app: web.Application) -> None:

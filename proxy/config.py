@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
-from proxy.credentials import Secret, SecretURL
+from proxy.credentials import ClientToken, Secret, SecretURL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -134,13 +135,23 @@ def _secret(text: str) -> Secret:
 MIN_CLIENT_TOKEN_LENGTH = 16
 
 
+# `name=token` names the client a token belongs to; anything else is a token alone.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _client_tokens(text: str) -> tuple[Secret, ...]:
-    tokens = tuple(_secret(part.strip()) for part in text.split(",") if part.strip())
+    tokens = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        # A base64 token may end in "=": only a valid name and a non-empty token make a pair.
+        if not (sep and value.strip("=") and _CLIENT_NAME.fullmatch(name)):
+            name, value = "", part
+        tokens.append(ClientToken(_secret(value).reveal(), name or None))
     if any(len(token.reveal()) < MIN_CLIENT_TOKEN_LENGTH for token in tokens):
         raise ValueError(
             f"must be at least {MIN_CLIENT_TOKEN_LENGTH} characters (try: openssl rand -hex 16)"
         )
-    return tokens
+    return tuple(tokens)
 
 
 _FINGERPRINT_DIGITS = frozenset("0123456789abcdef")
@@ -337,7 +348,8 @@ SETTINGS: tuple[Setting, ...] = (
         "client_token",
         "CTCT_PROXY_CLIENT_TOKENS",
         _client_tokens,
-        "token a client must present (repeatable; env: comma-separated)",
+        "token a client must present; name=token names its client (repeatable; env: "
+        "comma-separated)",
         repeatable=True,
     ),
     Setting(

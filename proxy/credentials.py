@@ -99,6 +99,21 @@ class SecretURL:
         return hash(str(self._url))
 
 
+class ClientToken(Secret):
+    """A client token and the name its client is shown under (never the token itself)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, value: str, name: str | None = None) -> None:
+        super().__init__(value)
+        self.name = name or client_token_label(value)
+
+
+def client_token_label(value: str) -> str:
+    """The name an unnamed client token is shown under: `token-` and a short fingerprint."""
+    return "token-" + fingerprint(value)[:8]
+
+
 # Every secret the process has been told about, so that `redact` can scrub text it did not
 # produce (exception messages, upstream error text). Process-wide on purpose: a log line
 # written anywhere must be clean, whichever app instance holds the secret. Kept longest
@@ -250,24 +265,32 @@ class Injector:
     or ``Proxy-Authorization: Bearer``. They are checked in `admits` and never leave the proxy.
     """
 
-    __slots__ = ("_api_key", "_api_key_param", "_client_tokens")
+    __slots__ = ("_api_key", "_api_key_param", "_client_names", "_client_tokens")
 
     def __init__(self, api_key: Secret | None, client_tokens: Iterable[Secret] = ()) -> None:
         self._api_key = api_key.reveal() if api_key else None
         self._api_key_param = (
             f"{API_KEY_PARAM}={quote(self._api_key, safe='')}" if self._api_key else None
         )
-        self._client_tokens = tuple(_wire(t.reveal()) for t in client_tokens)
+        tokens = tuple(client_tokens)
+        self._client_tokens = tuple(_wire(t.reveal()) for t in tokens)
+        self._client_names = tuple(
+            t.name if isinstance(t, ClientToken) else client_token_label(t.reveal()) for t in tokens
+        )
 
     def is_client_token(self, value: str | None) -> bool:
         """Whether a presented value is one of the client tokens (constant-time comparison)."""
+        return self._token_name(value) is not None
+
+    def _token_name(self, value: str | None) -> str | None:
         if not value or not self._client_tokens:
-            return False
+            return None
         given = _wire(value)
-        found = False
+        found = None
         # Every token is compared, so the time taken says nothing about which one was close.
-        for token in self._client_tokens:
-            found |= hmac.compare_digest(given, token)
+        for token, name in zip(self._client_tokens, self._client_names, strict=True):
+            if hmac.compare_digest(given, token):
+                found = name
         return found
 
     def outbound(
@@ -318,12 +341,21 @@ class Injector:
         """Whether the request carries a client token (always true when none are configured)."""
         if not self._client_tokens:
             return True
+        return self.client_of(raw_query, authorization, proxy_authorization) is not None
+
+    def client_of(
+        self, raw_query: str, authorization: str | None, proxy_authorization: str | None
+    ) -> str | None:
+        """The name of the client token the request carries (None: none, or none configured)."""
+        if not self._client_tokens:
+            return None
         candidates = [bearer_token(authorization), bearer_token(proxy_authorization)]
         candidates.extend(query_param_values(raw_query, API_KEY_PARAM))
-        admitted = False
+        found = None
         for candidate in candidates:
-            admitted |= self.is_client_token(candidate)
-        return admitted
+            name = self._token_name(candidate)
+            found = found or name
+        return found
 
 
 class TokenSource:

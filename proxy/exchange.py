@@ -36,6 +36,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.clients import client_name, urgency
 from proxy.credentials import Outbound, fingerprint
 from proxy.edge.middleware import RECORD, UNINVITED, RequestRecord, rate_headers
 from proxy.errors import (
@@ -158,7 +159,7 @@ class Exchange:
     async def run_with(self, deliver: Callable[[Deliver], Awaitable[T]]) -> T:
         """`run`, handing the answer to `deliver` while it is open (proxy/reads.py shares it)."""
         queue = self.queue
-        ticket = queue.admit(self.budget)
+        ticket = queue.admit(self.budget, self.record.client, self.record.lane)
         try:
             while True:
                 await queue.wait(ticket)
@@ -330,8 +331,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
         raise Unavailable("The proxy is shutting down; retry shortly.", retry_after=1)
     headers_in = request.headers
     client_auth = headers_in.get("Authorization")
-    if not state.injector.admits(target.query, client_auth, headers_in.get("Proxy-Authorization")):
+    proxy_auth = headers_in.get("Proxy-Authorization")
+    token_name = state.injector.client_of(target.query, client_auth, proxy_auth)
+    if token_name is None and not state.injector.admits(target.query, client_auth, proxy_auth):
         raise ClientUnauthorized("A valid client token is required to use this proxy.")
+    record.client = client_name(token_name, headers_in.get("User-Agent"), request.remote)
+    record.lane = urgency(headers_in.get("Priority"))
     # The quota key is known from the credentials in effect now; the token itself is chosen
     # again when the request is sent.
     arrival = state.injector.outbound(
@@ -359,7 +364,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             lambda wait: Exchange(state, request, target, queue, arrival, b"", wait),
         )
     # Refuse before reading a body that could not be sent in time anyway.
-    queue.check(budget)
+    queue.check(budget, record.client, record.lane)
     body = b""
     if request.body_exists:
         body = await read_body(request, state.config.max_body, state.config.body_timeout)

@@ -48,7 +48,8 @@ HOP_BY_HOP = frozenset(
 # Expect is answered here: the body is already read, so the upstream gets it at once).
 _REQUEST_OWN = frozenset({"host", "content-length", "authorization", "x-request-id", "expect"})
 _RESPONSE_OWN = frozenset({"content-length"})
-_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN
+# Priority (RFC 9218) orders the proxy's own queue: hop-by-hop to it, never sent upstream.
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_OWN | {"priority"}
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_OWN
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # Short pause before re-trying a connection that could not be made (nothing was sent).

@@ -19,6 +19,11 @@ from proxy.history import History
 
 _WAIT_BUCKETS = (0.005, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Clients identified by User-Agent can be many: the first CLIENT_SERIES clients to send get a
+# series of their own, any later one counts under OTHER_CLIENT (a counter never moves between
+# series, so it stays monotonic). With client tokens, clients are the configured tokens.
+CLIENT_SERIES = 20
+OTHER_CLIENT = "other"
 
 
 class _KeyCollector(Collector):
@@ -44,6 +49,12 @@ class _KeyCollector(Collector):
         paused = GaugeMetricFamily(
             "ctct_proxy_paused", "1 while a key is paused for its daily quota.", labels=["key"]
         )
+        moved_back = CounterMetricFamily(
+            "ctct_proxy_moved_back_misses",
+            "Admitted requests answered 429 at their deadline after later arrivals (other "
+            "clients' turns, more urgent lanes) went before them, per key.",
+            labels=["key"],
+        )
         for entry in self._status():
             key = str(entry["key"])
             depth.add_metric([key], float(entry["queued"]))  # type: ignore[arg-type]
@@ -51,6 +62,7 @@ class _KeyCollector(Collector):
             left.add_metric([key], float(entry["remaining_today"]))  # type: ignore[arg-type]
             spacing.add_metric([key], float(entry["spacing_seconds"]))  # type: ignore[arg-type]
             paused.add_metric([key], 1.0 if entry["paused_until"] else 0.0)
+            moved_back.add_metric([key], float(entry["moved_back_misses"]))  # type: ignore[arg-type]
         mode = GaugeMetricFamily(
             "ctct_proxy_shared_mode",
             "1 for the mode the quota state is in (local, shared, fallback).",
@@ -59,7 +71,7 @@ class _KeyCollector(Collector):
         current = self._mode()
         for name in ("local", "shared", "fallback"):
             mode.add_metric([name], 1.0 if name == current else 0.0)
-        yield from (depth, used, left, spacing, paused, mode)
+        yield from (depth, used, left, spacing, paused, moved_back, mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +202,14 @@ class Metrics:
         self.throttled = Counter(
             "ctct_proxy_throttled", "429 answers the proxy gave, by kind.", ["kind"], registry=r
         )
+        self.client_sends = Counter(
+            "ctct_proxy_client_sends",
+            f"Sends to the upstream per client (its client token's name or User-Agent "
+            f"fingerprint; the first {CLIENT_SERIES} clients, later ones as {OTHER_CLIENT}).",
+            ["client"],
+            registry=r,
+        )
+        self._client_children: dict[str, Counter] = {}
         r.register(_KeyCollector(status, mode))
         r.register(_ActivityCollector(history, limits, oauth))
         # `.labels()` validates and locks on every call; the children are few, so keep them.
@@ -203,6 +223,17 @@ class Metrics:
                 outcome, str(status)
             )
         child.inc()
+
+    def count_client_sends(self, client: str, sends: int) -> None:
+        """Count a request's sends to the upstream for its client (bounded in clients)."""
+        child = self._client_children.get(client)
+        if child is None:
+            if len(self._client_children) >= CLIENT_SERIES:
+                client = OTHER_CLIENT
+            child = self._client_children.get(client)
+            if child is None:
+                child = self._client_children[client] = self.client_sends.labels(client)
+        child.inc(sends)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -14,10 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, ConfigError
+from proxy.credentials import client_token_label
 from proxy.edge.dashboard import DASHBOARD, ClientQueue
 from proxy.quota import KeyQueue
 from tests.conftest import ServerFactory, StartProxy
-from tests.dashboard_rig import KEY_FP, KEY_NAME, Rig, start_rig
+from tests.dashboard_rig import CLIENT_TOKEN, KEY_FP, KEY_NAME, Rig, start_rig
 
 STATUS_FIELDS = (
     "key",
@@ -68,7 +69,8 @@ async def test_the_json_shows_what_status_shows_and_counts_every_send(rig: Rig) 
     document = await rig.json("/dashboard.json")
     status = await rig.json("/status")
     key = dashboard_key(document)
-    assert {f: key[f] for f in STATUS_FIELDS} == {f: v for f, v in (await rig.status_key()).items()}
+    status_key = await rig.status_key()
+    assert {f: key[f] for f in STATUS_FIELDS} == {f: status_key[f] for f in STATUS_FIELDS}
     assert (document["mode"], document["qps"], document["daily_quota"]) == (
         status["mode"],
         status["qps"],
@@ -86,7 +88,10 @@ async def test_the_json_shows_what_status_shows_and_counts_every_send(rig: Rig) 
     assert 0 <= key["wait_p50_seconds"] <= key["wait_p95_seconds"] < 30
     assert sum(key["history"]["rejections"]) == sum(key["history"]["replays"]) == 0
     assert len(key["history"]["sends"]) == document["window_seconds"] == 900
-    assert key["clients"] is None
+    # One program (its client token) made every call: the whole share is its.
+    [client] = key["clients"]
+    assert client["name"] == client_token_label(CLIENT_TOKEN)
+    assert (client["sends_last_minute"], client["share"], client["queued"]) == (received, 1.0, 0)
     assert key["predicted_wait_seconds"] >= 0
     # v3 went out with the OAuth token: its state, no token.
     token = document["token"]
@@ -192,6 +197,7 @@ async def test_clients_come_from_the_hook_and_shares_from_the_history(rig: Rig) 
     rows = {row["name"]: row for row in key["clients"]}
     assert [row["name"] for row in key["clients"]] == [
         "crm-sync",
+        client_token_label(CLIENT_TOKEN),  # the burst's client, from the fair-share queues
         "<script>alert(1)</script>",
         "billing-job",
     ]
@@ -249,3 +255,30 @@ def test_key_names_are_validated_and_need_the_key_they_name() -> None:
     with pytest.raises(ConfigError, match="--key-name: a NAME without FINGERPRINT="):
         Config.from_sources({"key_name": ["billing"]}, {})
     assert Config.from_sources({"key_name": ["0123456789ab=crm"]}, {}).key_name
+
+
+async def test_the_fair_share_clients_show_on_the_dashboard(
+    start_server: ServerFactory,
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The real wiring: each program's sends and queue come from the key's fair-share queues
+    (without client tokens a program is its User-Agent and address)."""
+    rig = await start_rig(start_server, start_proxy, http, tmp_path, qps=200.0, client_token=())
+
+    async def call(agent: str) -> None:
+        path = rig.proxy.with_path("/v2/lists")
+        async with rig.http.get(path, headers={"User-Agent": agent}) as response:
+            assert response.status == 200
+            await response.read()
+
+    await asyncio.gather(
+        *(call("billing-job/1.0") for _ in range(3)), *(call("crm-sync/2.0") for _ in range(2))
+    )
+    await whole_seconds_later(rig)
+    key = dashboard_key(await rig.json("/dashboard.json"))
+    rows = {row["name"].rsplit("-", 1)[0]: row for row in key["clients"]}
+    assert rows["billing-job"]["sends_last_minute"] == 3
+    assert rows["crm-sync"]["sends_last_minute"] == 2
+    assert all(row["queued"] == 0 for row in key["clients"])

@@ -18,7 +18,8 @@ from proxy.config import Config
 from proxy.credentials import Secret
 from proxy.errors import Throttled
 from proxy.quota import Limits, LocalBackend, QuotaEngine
-from proxy.quota.engine import BACKOFF, Ticket, TicketState
+from proxy.quota.engine import BACKOFF
+from proxy.quota.fair import Ticket, TicketState
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from proxy.simulator.config import OAUTH_EXPIRE_PATH, OAUTH_TOKEN_PATH
 from tests.conftest import Recorder, ServerFactory, StartProxy, proxy_config

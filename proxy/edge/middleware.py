@@ -23,7 +23,7 @@ from proxy.credentials import redact, strip_params
 from proxy.errors import AnswerCut, MethodNotAllowed, NotFound, ProxyError, Throttled, Unavailable
 from proxy.logs import enabled_for, get_logger
 from proxy.metrics import Metrics
-from proxy.quota import KeyQueue, next_reset
+from proxy.quota import DEFAULT_URGENCY, KeyQueue, next_reset
 from proxy.state import STATE, AppState
 from proxy.upstream_errors import Generation, QuotaKind
 
@@ -44,6 +44,8 @@ class RequestRecord:
     generation: Generation = "v2"
     key: str | None = None
     queue: KeyQueue | None = None
+    client: str = ""  # the client's name in its key's fair order ("": not known yet)
+    lane: int = DEFAULT_URGENCY  # its RFC 9218 urgency
     queued: float = 0.0
     upstream_status: int | None = None
     outcome: str = "forwarded"
@@ -89,6 +91,8 @@ class RequestLedger:
                     metrics.queue_wait.observe(wait)
                 for latency in record.latencies:
                     metrics.upstream_latency.observe(latency)
+                if record.client and record.latencies:
+                    metrics.count_client_sends(record.client, len(record.latencies))
                 if record.outcome == "throttled":
                     daily = record.throttle_kind is QuotaKind.DAILY
                     metrics.throttled.labels("daily" if daily else "per_second").inc()
@@ -107,6 +111,8 @@ def _line(record: RequestRecord, status: int, duration: float) -> dict[str, obje
         "method": record.method,
         "path": _loggable_target(record.target),
         "key": record.key,
+        "client": record.client or None,
+        "lane": record.lane if record.client else None,
         "queued_ms": round(record.queued * 1000, 1),
         "upstream_status": record.upstream_status,
         "status": status,

@@ -1,9 +1,10 @@
-"""Per-key FIFO queues that pace sends to the key's quota, with deadlines and a daily count.
+"""Per-key queues that pace sends to the key's quota, with deadlines and a daily count.
 
-The queue is the product's own idea: strict FIFO, a predicted wait for every arrival, a
-place given up when the client leaves. What is shared between replicas (the next free send
-slot, the day's count, pauses) sits behind `QuotaBackend`, so the Redis backend replaces
-the in-process one without touching the request path.
+The queue is the product's own idea: a fair order between the programs that share a key
+(`fair.py`: lanes by urgency, clients in turn, FIFO within a client), a predicted wait for
+every arrival, a place given up when the client leaves. What is shared between replicas
+(the next free send slot, the day's count, pauses) sits behind `QuotaBackend`, so the Redis
+backend replaces the in-process one without touching the request path.
 
 Pacing model: sends of one key are spaced `(1 s + margin) / qps` apart, measured from the
 previous actual send. Uniform spacing is what a rolling one-second window at the far end
@@ -15,17 +16,16 @@ let a burst of qps through at once and up to 2·qps - 1 into one rolling second.
 from __future__ import annotations
 
 import asyncio
-import enum
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from proxy.clock import Clock, SystemClock, Timer
+from proxy.clock import Clock, SystemClock
 from proxy.credentials import fingerprint
 from proxy.errors import Throttled, Unavailable, retry_after_seconds
 from proxy.quota.backend import QuotaBackend, next_reset, utc_day
+from proxy.quota.fair import DEFAULT_URGENCY, FairOrder, RecentSends, Ticket, TicketState
 from proxy.upstream_errors import QuotaKind
 
 # Each per-second rejection from the gateway multiplies the spacing by BACKOFF (up to
@@ -49,26 +49,14 @@ DEFER_SLACK = 0.05
 MAX_HOLD = 10.0
 # Past this many keys' queues, idle ones are forgotten when a new key arrives.
 MAX_QUEUES = 10_000
-
-
-class TicketState(enum.Enum):
-    QUEUED = "queued"
-    GRANTED = "granted"
-    GONE = "gone"
-
-
-@dataclass(slots=True, eq=False)
-class Ticket:
-    """One request's place in its key's queue."""
-
-    future: asyncio.Future[None]
-    deadline: float
-    enqueued: float
-    state: TicketState = TicketState.QUEUED
-    timer: Timer | None = None
-    granted_at: float | None = None
-    replays: int = 0
-    deferred: bool = False  # its deadline passed while its slot was due: the pump decides
+# Admission stretches a new arrival's place in the fair order by how far admitted requests
+# were actually moved back by later arrivals (sends before them / sends predicted), averaged
+# over recent grants with this weight, and bounded: later, more urgent arrivals are not
+# foreseen, so a request admitted on the bare count would miss its deadline when they come.
+STRETCH_WEIGHT = 1 / 64
+MAX_STRETCH = 3.0
+# /status lists at most this many clients per key (most queued first).
+STATUS_CLIENTS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +74,7 @@ class Limits:
 
 
 class KeyQueue:
-    """The FIFO queue of one upstream API key and the task that paces its sends."""
+    """The queue of one upstream API key (in a fair order) and the task that paces its sends."""
 
     def __init__(self, key: str, engine: QuotaEngine) -> None:
         self.fingerprint = fingerprint(key)
@@ -94,8 +82,16 @@ class KeyQueue:
         self._clock = engine.clock
         self._backend = engine.backend
         self._limits = engine.limits
-        self._tickets: deque[Ticket] = deque()
+        self._order = FairOrder()
         self.queued = 0
+        self._seq = 0  # tickets admitted
+        self._grants = 0  # slots handed to tickets
+        self._last_granted_seq = 0  # the most recently admitted ticket granted so far
+        # Sends that actually went before admitted tickets, and those predicted (see STRETCH_*).
+        self._went_before = 1.0
+        self._predicted = 1.0
+        self.moved_back_misses = 0  # admitted, overtaken by later arrivals, then expired
+        self._recent = RecentSends()
         self.spacing = self._limits.spacing
         self._next_free = 0.0  # monotonic: our estimate of the next free slot
         # The backend's own spacing for our last slot, when it paced wider than we asked.
@@ -113,18 +109,31 @@ class KeyQueue:
 
     # -- admission -------------------------------------------------------------------------
 
-    def predicted_wait(self, position: int | None = None) -> float:
-        """Seconds until a request at `position` (default: the back) would be sent."""
+    def predicted_wait(self, position: float | None = None) -> float:
+        """Seconds until a request with `position` sends before it (default: all queued) goes."""
         ahead = self.queued if position is None else position
         return max(0.0, self._next_free - self._clock.monotonic()) + ahead * self.pace
+
+    def place(self, client: str = "", lane: int = DEFAULT_URGENCY) -> tuple[int, float]:
+        """A new request's place in the fair order (sends before it), and its predicted wait.
+
+        The wait stretches the place by how far admitted requests have lately been moved
+        back by later arrivals (at least 1x, at most MAX_STRETCH): one client alone, never.
+        """
+        ahead = self._order.ahead(client, lane)
+        stretch = min(MAX_STRETCH, max(1.0, self._went_before / self._predicted))
+        return ahead, self.predicted_wait(ahead * stretch)
 
     @property
     def pace(self) -> float:
         """Seconds between this key's sends now: `spacing`, or the backend's wider share of it."""
         return max(self.spacing, self._paced)
 
-    def check(self, budget: float) -> None:
-        """Raise Throttled if a request that may wait `budget` seconds would be refused now."""
+    def check(self, budget: float, client: str = "", lane: int = DEFAULT_URGENCY) -> int:
+        """Raise Throttled if a request that may wait `budget` seconds would be refused now.
+
+        Returns its place in the fair order (sends before it) when it would be admitted.
+        """
         clock, limits = self._clock, self._limits
         wall = clock.time()
         if self.blocked_until is not None:
@@ -142,7 +151,7 @@ class KeyQueue:
                 retry_after=reset - wall,
                 kind=QuotaKind.DAILY,
             )
-        wait = self.predicted_wait()
+        ahead, wait = self.place(client, lane)
         if self.queued >= limits.max_queue:
             raise Throttled(
                 f"The queue for this API key is full ({limits.max_queue} requests); "
@@ -156,16 +165,30 @@ class KeyQueue:
                 f"Retry after {_seconds(wait)} seconds.",
                 retry_after=wait,
             )
+        return ahead
 
-    def admit(self, budget: float) -> Ticket:
-        """Queue a request that may wait `budget` seconds, or raise Throttled at once."""
-        self.check(budget)
+    def admit(self, budget: float, client: str = "", lane: int = DEFAULT_URGENCY) -> Ticket:
+        """Queue a request of `client` in `lane` that may wait `budget` seconds.
+
+        Raises Throttled at once when its place in the fair order cannot be reached in time.
+        """
+        ahead = self.check(budget, client, lane)
         clock = self._clock
         now = clock.monotonic()
         loop = asyncio.get_running_loop()
-        ticket = Ticket(loop.create_future(), deadline=now + budget, enqueued=now)
+        self._seq += 1
+        ticket = Ticket(
+            loop.create_future(),
+            deadline=now + budget,
+            enqueued=now,
+            client=client,
+            lane=lane,
+            seq=self._seq,
+            ahead=ahead,
+            grants_at=self._grants,
+        )
         ticket.timer = clock.call_later(budget, lambda: self._expire(ticket))
-        self._tickets.append(ticket)
+        self._order.push(ticket)
         self.queued += 1
         self._ensure_pump(loop)
         return ticket
@@ -186,6 +209,7 @@ class KeyQueue:
         if ticket.state is TicketState.QUEUED:
             ticket.state = TicketState.GONE
             self.queued -= 1
+            self._order.remove(ticket)
         if ticket.timer is not None:
             ticket.timer.cancel()
             ticket.timer = None
@@ -193,7 +217,7 @@ class KeyQueue:
     def _expire(self, ticket: Ticket) -> None:
         if ticket.state is not TicketState.QUEUED or ticket.future.done():
             return
-        if self._head() is ticket and self.predicted_wait(0) <= LATE and not ticket.deferred:
+        if self._order.peek() is ticket and self.predicted_wait(0) <= LATE and not ticket.deferred:
             # The slot is free now and this ticket is next: the pump may simply not have run
             # yet (a `Prefer: wait=0` budget expires at once). Let the pump decide: it grants
             # the ticket if it gets there within DEFER_SLACK of the deadline, else expires it.
@@ -205,10 +229,16 @@ class KeyQueue:
         """Answer a ticket whose wait budget ran out 429 (with the wait a new request faces)."""
         self.leave(ticket)
         wait = self.predicted_wait(0)
+        # Overtaken: a request admitted after it was sent before it (another client's turn,
+        # a more urgent lane). Counted, and said, so that admission's promises can be checked.
+        moved_back = self._last_granted_seq > ticket.seq
+        if moved_back:
+            self.moved_back_misses += 1
+        why = " and requests of other clients went first," if moved_back else ""
         ticket.future.set_exception(
             Throttled(
-                f"This API key is at its limit of {self._limits.qps:g} requests per second and "
-                f"the request could not be sent within its wait budget; retry after "
+                f"This API key is at its limit of {self._limits.qps:g} requests per second{why} "
+                f"and the request could not be sent within its wait budget; retry after "
                 f"{_seconds(wait)} seconds.",
                 retry_after=wait,
             )
@@ -273,9 +303,10 @@ class KeyQueue:
         return True
 
     def _requeue_at_head(self, ticket: Ticket) -> None:
+        # At the head of its client's FIFO, and ahead of every other client: it had its turn.
         ticket.state = TicketState.QUEUED
         ticket.future = asyncio.get_running_loop().create_future()
-        self._tickets.appendleft(ticket)
+        self._order.push_again(ticket)
         self.queued += 1
         self._ensure_pump()
 
@@ -291,10 +322,13 @@ class KeyQueue:
 
     def reject_all(self, error: Callable[[], Exception]) -> None:
         """Answer every queued request with an error (daily pause, shutdown)."""
-        while self._tickets:
-            ticket = self._tickets.popleft()
-            if ticket.state is TicketState.QUEUED and not ticket.future.done():
-                self.leave(ticket)
+        for ticket in list(self._order.drain()):
+            ticket.state = TicketState.GONE
+            self.queued -= 1
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+                ticket.timer = None
+            if not ticket.future.done():
                 ticket.future.set_exception(error())
 
     # -- the pump --------------------------------------------------------------------------
@@ -304,15 +338,10 @@ class KeyQueue:
             loop = loop or asyncio.get_running_loop()
             self._pump = loop.create_task(self._run())
 
-    def _head(self) -> Ticket | None:
-        tickets = self._tickets
-        while tickets and tickets[0].state is not TicketState.QUEUED:
-            tickets.popleft()
-        return tickets[0] if tickets else None
-
     async def _run(self) -> None:
         clock, backend, key = self._clock, self._backend, self.fingerprint
-        while self._head() is not None:
+        order = self._order
+        while order.peek() is not None:
             spacing = self.spacing
             reservation = await backend.reserve(key, spacing, self._limits.daily_quota)
             self.sent_today, self.sent_day = reservation.sent_today, utc_day(clock.time())
@@ -334,7 +363,7 @@ class KeyQueue:
                 raise
             finally:
                 self._holding = 0
-            ticket = self._head()
+            ticket = order.peek()
             if ticket is None:
                 await backend.give_back(key, reservation, spacing)
                 self.sent_today = max(0, self.sent_today - 1)
@@ -346,18 +375,31 @@ class KeyQueue:
                 self.throttle_expired(ticket)
                 await backend.give_back(key, reservation, spacing)
                 continue
-            self._tickets.popleft()
+            order.pop()
             self.queued -= 1
             ticket.state = TicketState.GRANTED
             ticket.granted_at = now
+            self._granted(ticket, now)
             ticket.future.set_result(None)
             if self._engine.on_grant is not None:
-                self._engine.on_grant(key, now - ticket.enqueued)
+                self._engine.on_grant(key, now - ticket.enqueued, ticket.client or None)
             if now - slot_at > LATE:
                 # Late (the loop was busy, or a rejection's hold came in): space the next send
                 # from this one, at the spacing in force now.
                 self._next_free = now + self.pace
                 await backend.hold(key, self.spacing)
+
+    def _granted(self, ticket: Ticket, now: float) -> None:
+        """Book a grant: the client's share, and how far the ticket was moved back."""
+        if ticket.ahead >= 0:  # its first grant: compare with what admission predicted
+            went_before = self._grants - ticket.grants_at
+            keep = 1.0 - STRETCH_WEIGHT
+            self._went_before = self._went_before * keep + (went_before + 1) * STRETCH_WEIGHT
+            self._predicted = self._predicted * keep + (ticket.ahead + 1) * STRETCH_WEIGHT
+            ticket.ahead = -1
+        self._grants += 1
+        self._last_granted_seq = max(self._last_granted_seq, ticket.seq)
+        self._recent.add(ticket.client, now)
 
     def idle(self, wall: float) -> bool:
         """Nothing queued, nothing being paced, no pause in force."""
@@ -383,7 +425,34 @@ class KeyQueue:
             "remaining_today": max(0, self._limits.daily_quota - self.sent_today),
             "next_reset": _iso(next_reset(wall)),
             "paused_until": _iso(paused) if paused else None,
+            "lanes": {str(u): n for u, n in self._order.lanes().items()},
+            "moved_back_misses": self.moved_back_misses,
+            "clients": self.clients_status(),
         }
+
+    def client_lanes(self) -> dict[str, int]:
+        """The most urgent lane each client with something queued waits in."""
+        return self._order.client_lanes()
+
+    def clients_status(self, limit: int = STATUS_CLIENTS) -> list[dict[str, object]]:
+        """The clients with something queued or sent in the last minute, most queued first.
+
+        Each: its name (a client token's name or a fingerprint, never a secret), requests
+        queued, sends in the last minute and their share of this key's sends (this replica).
+        """
+        depths = self._order.depths()
+        sent = self._recent.counts(self._clock.monotonic())
+        total = sum(sent.values())
+        names = sorted(set(depths) | set(sent), key=lambda c: (-depths[c], -sent[c], c))
+        return [
+            {
+                "client": name,
+                "queued": depths[name],
+                "sent_last_minute": sent[name],
+                "share_last_minute": round(sent[name] / total, 3) if total else 0.0,
+            }
+            for name in names[:limit]
+        ]
 
 
 @dataclass
@@ -394,8 +463,8 @@ class QuotaEngine:
     backend: QuotaBackend
     clock: Clock = field(default_factory=SystemClock)
     queues: dict[str, KeyQueue] = field(default_factory=dict)
-    # Told (key fingerprint, seconds queued) each time a request is let go to the upstream.
-    on_grant: Callable[[str, float], None] | None = None
+    # Told (key fingerprint, seconds queued, client name) each time a request is let go.
+    on_grant: Callable[[str, float, str | None], None] | None = None
 
     def queue_for(self, key: str) -> KeyQueue:
         """The queue of an upstream API key (created on first use)."""
