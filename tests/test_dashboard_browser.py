@@ -26,8 +26,9 @@ from selenium.webdriver import Chrome
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 
+from proxy.credentials import client_token_label
 from tests.conftest import ServerFactory, StartProxy
-from tests.dashboard_rig import KEY_FP, KEY_NAME, Rig, start_rig, until
+from tests.dashboard_rig import CLIENT_TOKEN, KEY_FP, KEY_NAME, Rig, start_rig, until
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = os.environ.get("CTCT_SCREENSHOT")
@@ -73,6 +74,8 @@ return {
   replay_marks: card.querySelectorAll(".chart .rep").length,
   bars: card.querySelectorAll(".chart path.bars").length,
   no_clients: clients.hidden ? null : clients.textContent,
+  client_rows: Array.from(card.querySelectorAll(".clients tr[data-client]")).map(
+    (row) => row.dataset.client),
   mode: document.getElementById("mode").dataset.value,
   qps: Number(top("qps")),
   daily_quota: Number(top("daily_quota")),
@@ -168,7 +171,9 @@ async def test_the_dashboard_in_chromium_matches_status_moves_and_shows_no_secre
     assert before["name"] == KEY_NAME
     assert before["sent_today"] >= 16
     assert before["bars"] == 1
-    assert before["no_clients"] == "no client breakdown"
+    # Every call came from one program (its client token): one row, under the token's name.
+    assert before["no_clients"] is None
+    assert before["client_rows"] == [client_token_label(CLIENT_TOKEN)]
     assert before["token"] == "oauth"
 
     # Under load, the figures move.
