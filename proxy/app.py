@@ -25,6 +25,7 @@ from aiohttp import web
 from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
+from proxy.edge.fields import parse_seconds, parse_wait_preference
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -42,6 +43,7 @@ from proxy.forward import (
     ConnectionLost,
     Target,
     Upstream,
+    check_method,
     check_target,
     outbound_headers,
     stream_back,
@@ -386,19 +388,6 @@ def _rate_policy(per_second: int, daily_quota: int) -> str:
 # -- the request path ---------------------------------------------------------------------
 
 
-def _wait_preference(prefer: str | None) -> int | None:
-    """The `wait` preference of a Prefer header (RFC 7240), in seconds, if any."""
-    if not prefer:
-        return None
-    for item in prefer.split(","):
-        name, _, value = item.split(";")[0].strip().partition("=")
-        if name.strip().lower() == "wait":
-            value = value.strip().strip('"')
-            if value.isdigit():
-                return int(value)
-    return None
-
-
 # Past --body-timeout a body must keep averaging this rate: a slow link uploading a big file
 # gets through, a client that holds a connection open by trickling bytes does not.
 BODY_RATE_FLOOR = 16 * 1024
@@ -447,8 +436,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """Queue a /v2 or /v3 request for its key, send it with our credentials, answer."""
     state = request.app[STATE]
     record = request[RECORD]
-    if request.method == "CONNECT":
-        raise MethodNotAllowed("CONNECT is not supported; this proxy only forwards API calls.")
+    check_method(request.method)
     target = check_target(request.raw_path)
     if request.version.major != 1:
         # llhttp lets "HTTP/0.9" and "HTTP/2.0" through with HTTP/1 framing; nobody real does.
@@ -470,7 +458,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     )
 
     budget = float(state.config.max_wait)
-    preferred = _wait_preference(headers_in.get("Prefer"))
+    preferred = parse_wait_preference(headers_in.get("Prefer"))
     if preferred is not None and preferred < budget:
         budget = float(preferred)
     queue = await state.engine.load(out.quota_key)
@@ -578,9 +566,8 @@ async def _on_quota_error(
 
 
 def _retry_after_header(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
+    seconds = parse_seconds(value)
+    return None if seconds is None else float(seconds)
 
 
 # -- operator endpoints -------------------------------------------------------------------

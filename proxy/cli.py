@@ -66,9 +66,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"ctct-proxy: error: {error}", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure(config.log_format, config.log_level)
-        from proxy.edge.server import serve
+        from proxy.edge.server import CannotListen, serve
 
-        _run(serve(config))
+        try:
+            _run(serve(config))
+        except CannotListen as error:
+            print(f"ctct-proxy: error: --host/--port: {error}", file=sys.stderr)
+            return EXIT_CONFIG
         return 0
     if args.command == "simulate":
         from proxy.edge.server import run_until_stopped

@@ -113,6 +113,9 @@ MIN_CLIENT_TOKEN_LENGTH = 16
 
 def _client_tokens(text: str) -> tuple[Secret, ...]:
     tokens = tuple(_secret(part.strip()) for part in text.split(",") if part.strip())
+    if not tokens:
+        # "," or "" must not quietly mean "no tokens": that is the open door it looks closed.
+        raise ValueError("must name at least one token (comma-separated)")
     if any(len(token.reveal()) < MIN_CLIENT_TOKEN_LENGTH for token in tokens):
         raise ValueError(
             f"must be at least {MIN_CLIENT_TOKEN_LENGTH} characters (try: openssl rand -hex 16)"

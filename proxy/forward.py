@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.credentials import redact
-from proxy.errors import BadRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BadRequest, MethodNotAllowed, UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream_errors import Generation
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones still seen in the wild.
@@ -52,6 +52,25 @@ CONNECT_RETRIES = 2
 
 _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# The methods Constant Contact's v2 and v3 APIs use, plus HEAD (a GET without the body).
+# Everything else is refused before anything is sent: TRACE would have an upstream that
+# reflects it echo the injected credentials back, OPTIONS would let a browser's CORS
+# preflight open the proxy to cross-origin PUT and DELETE, CONNECT asks for a tunnel.
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+_ALLOWED = frozenset(ALLOWED_METHODS)
+
+
+def check_method(method: str) -> None:
+    """Refuse (405, with `Allow`) any method the Constant Contact API does not use."""
+    if method not in _ALLOWED:
+        raise MethodNotAllowed(
+            "This method is not used by the Constant Contact API; the proxy forwards only "
+            + ", ".join(ALLOWED_METHODS)
+            + ".",
+            allow=ALLOWED_METHODS,
+        )
 
 
 @dataclass(frozen=True, slots=True)

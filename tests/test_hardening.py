@@ -29,6 +29,7 @@ from proxy.app import BODY_RATE_FLOOR, make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, query_param_values, redact
+from proxy.edge.fields import parse_wait_preference
 from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
@@ -955,3 +956,130 @@ async def test_no_secret_escapes_a_full_scenario(
     assert any(e["event"] == "request_malformed" for e in events)
     for text in [*captured, log_text]:
         assert_no_secret(text)
+
+
+# -- hostile clients (issue 21) ------------------------------------------------------------
+
+
+@pytest.fixture
+async def reflector(start_server: ServerFactory) -> tuple[Recorder, URL]:
+    """An upstream that answers every request with the request itself, as TRACE does."""
+    rec = Recorder()
+
+    async def answer(request: web.Request, body: bytes) -> web.StreamResponse:
+        head = f"{request.method} {request.raw_path}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in request.headers.items()
+        )
+        return web.Response(body=head.encode() + body, content_type="message/http")
+
+    rec.answer = answer
+    server = await start_server(rec.app())
+    return rec, server.make_url("")
+
+
+@pytest.mark.parametrize("method", ["TRACE", "OPTIONS", "PROPFIND", "MKCOL", "LINK", "SEARCH"])
+@pytest.mark.parametrize("generation", ["v2", "v3"])
+async def test_methods_the_api_never_uses_are_405_and_never_forwarded(
+    method: str,
+    generation: str,
+    reflector: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = reflector
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    raw = await raw_exchange(
+        server.port, request_bytes(f"/{generation}/contacts", AUTH, method=method)
+    )
+    status, headers, body = parse(raw)
+    assert status == 405
+    assert headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE"
+    payload = json.loads(body)
+    entry = payload[0] if generation == "v2" else payload
+    assert entry["error_key"] == (
+        "http.status.method_not_allowed" if generation == "v2" else "method_not_allowed"
+    )
+    assert rec.seen == []
+    assert_no_secret(raw)
+    # The methods the API does use still go through, with the real credentials.
+    for allowed in ("GET", "POST", "PATCH", "DELETE"):
+        raw = await raw_exchange(
+            server.port, request_bytes(f"/{generation}/contacts", AUTH, method=allowed)
+        )
+        assert parse(raw)[0] == 200
+    assert [s.method for s in rec.seen] == ["GET", "POST", "PATCH", "DELETE"]
+    assert_clean_upstream_request(rec)
+
+
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        "wait=\u00b2",  # a superscript two: str.isdigit() says yes, int() says no
+        "wait=\u0663",  # an Arabic-Indic three: int() would read 3
+        "wait=" + "9" * 5000,  # more digits than int() converts
+        'wait="' + "1" * 40 + '"',
+        "wait=-1",
+        "wait=1e3",
+    ],
+    ids=["superscript", "arabic-indic", "5000-digits", "quoted-40-digits", "negative", "exp"],
+)
+async def test_unreadable_wait_preferences_are_ignored_not_crashes(
+    prefer: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    captured_logs: StringIO,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    # UTF-8 on the wire, as a client would send "²" (aiohttp decodes field values as UTF-8).
+    data = request_bytes("/v3/contacts", AUTH, "Prefer: PREFER").replace(b"PREFER", prefer.encode())
+    status, headers, body = parse(await raw_exchange(server.port, data))
+    assert status == 200, body
+    assert "preference-applied" not in headers
+    assert len(rec.seen) == 1
+    assert '"request_crashed"' not in captured_logs.getvalue()
+
+
+def test_the_wait_preference_is_a_short_run_of_ascii_digits() -> None:
+    assert parse_wait_preference("wait=5") == 5
+    assert parse_wait_preference('respond-async, Wait = "12" ; x') == 12
+    assert parse_wait_preference("wait=999999999") == 999_999_999
+    assert parse_wait_preference("wait=1000000000") is None  # ten digits
+    assert parse_wait_preference("wait=\u00b2, wait=3") is None  # the first one counts
+    assert parse_wait_preference("wait=") is None
+    assert parse_wait_preference(None) is None
+
+
+def test_an_unresolvable_listen_address_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    argv = ["serve", "--host", "no-such-host.invalid", "--trust-network"]
+    try:
+        assert main([*argv, "--port", "0", "--state-dir", str(tmp_path)], {}) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ctct-proxy: error: --host")
+    assert "no-such-host.invalid" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        ({"client_token": [",,,"]}, {}, "--client-token"),
+        ({"client_token": [""]}, {}, "--client-token"),
+        ({}, {"CTCT_PROXY_CLIENT_TOKENS": " , ,"}, "CTCT_PROXY_CLIENT_TOKENS"),
+        ({"host": "0.0.0.0"}, {"CTCT_PROXY_CLIENT_TOKENS": ","}, "CTCT_PROXY_CLIENT_TOKENS"),
+    ],
+)
+def test_a_client_token_list_naming_no_token_is_a_configuration_error(
+    flags: dict[str, Any], env: dict[str, str], named: str
+) -> None:
+    # Not "no tokens": a setting that looks like it closes the door must not leave it open.
+    with pytest.raises(ConfigError, match=f"^{named}: must name at least one token"):
+        Config.from_sources(flags, env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -125,6 +126,14 @@ class ProxyRunner(web.AppRunner):
         return server
 
 
+class CannotListen(Exception):
+    """The address to listen on does not resolve, is not local, or is taken."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        reason = cause.strerror or type(cause).__name__
+        super().__init__(f"cannot listen on {host} port {port}: {reason}")
+
+
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
     """Run the proxy until SIGTERM or SIGINT, then shut down gracefully."""
 
@@ -146,13 +155,22 @@ async def run_until_stopped(
     ready: Callable[[str, int], None],
 ) -> None:
     """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
+    loop = asyncio.get_running_loop()
+    try:
+        # Before the app starts: a name that does not resolve is a configuration error.
+        await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise CannotListen(host, port, exc) from None
     runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout, **runner_options())
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # socket.gaierror included: a host name that does not resolve
+        await runner.cleanup()
+        raise CannotListen(host, port, exc) from None
     ready(host, _bound_port(runner) or port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
