@@ -468,6 +468,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     headers = outbound_headers(
         headers_in, out.authorization, record.request_id, request.remote, request.scheme
     )
+    state.injector.drop_client_tokens(headers)
     connection_retried = renewed = False
     try:
         while True:

@@ -86,10 +86,15 @@ def check_target(raw_target: str) -> Target:
     """Accept only origin-form targets under /v2/ or /v3/ that cannot climb out of them.
 
     Dot segments are refused whether written plainly or percent-encoded, and so are
-    encoded slashes and backslashes that an upstream might decode into a separator.
+    encoded slashes and backslashes that an upstream might decode into a separator, and
+    fragments.
     """
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise BadRequest("Only origin-form request targets (a path starting with /) are accepted.")
+    if "#" in raw_target:
+        # No request target has a fragment (RFC 9112 §3.2); upstream, everything after it
+        # (the injected api_key included) would be dropped.
+        raise BadRequest("The request target must not contain a fragment (#).")
     path, _, query = raw_target.partition("?")
     if path.startswith("/v2/"):
         generation: Generation = "v2"

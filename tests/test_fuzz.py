@@ -22,6 +22,7 @@ from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from io import StringIO
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
@@ -200,6 +201,32 @@ presentations = st.sampled_from(
     ["api_key"] * 2 + ["bearer"] * 2 + ["proxy"] * 2 + ["none", "wrong-bearer", "short"]
 )
 tokens = st.sampled_from([CLIENT_TOKEN, OTHER_CLIENT_TOKEN])
+# Where else a client might put its token (next to a valid presentation, or instead of one):
+# none of these may ever reach the upstream, in any encoding or case.
+leaked_params = st.sampled_from(
+    [
+        "x={token}",
+        ";x={token}",
+        "x={token}%20",
+        "x=%20{token}",
+        "x={upper}",
+        "{token}=1",
+        "access_token={token}",
+        "access%5Ftoken={token}",
+        "api%5Fkey={token}",
+        "x=a+{token}+b",
+        "x={encoded}",
+    ]
+)
+leaked_headers = st.sampled_from(
+    [
+        "Authorization: Token {token}",
+        "Authorization: Bearer\t{token}",
+        "Authorization: Bearer {token}, x",
+        "X-Api-Token: {token}",
+        "Cookie: session={token}",
+    ]
+)
 hosts = st.sampled_from(
     ["Host: proxy.test"] * 4 + ["Host: " + TRAP, "Host: api.cc.email", "Host:", None]
 )
@@ -306,6 +333,16 @@ def requests(draw: st.DrawFn, trap: int) -> Generated:
         head_headers.append(f"Authorization: Bearer {token}x")
     elif presentation == "short":
         head_headers.append(f"Authorization: Bearer {token[:-3]}")
+    for leak in draw(st.lists(st.one_of(leaked_params, leaked_headers), max_size=2)):
+        leak = leak.format(
+            token=token,
+            upper=token.upper(),
+            encoded="".join(f"%{ord(c):02X}" for c in token),
+        )
+        if ":" in leak:
+            head_headers.append(leak)
+        else:
+            query.insert(draw(st.integers(0, len(query))), leak)
     target = target.replace("{trap}", str(trap))
     if query:
         target += "?" + "&".join(query)
@@ -372,8 +409,9 @@ def check_upstream_request(stack: Stack, seen: Any) -> None:
     assert "Transfer-Encoding" not in seen.headers
     assert int(seen.headers.get("Content-Length", "0")) == len(seen.body)
     everything = seen.raw_path + "".join(f"{k}:{v}" for k, v in seen.header_list)
-    assert CLIENT_TOKEN not in everything
-    assert OTHER_CLIENT_TOKEN not in everything
+    for form in (everything, unquote(everything), unquote(unquote(everything))):
+        assert CLIENT_TOKEN not in form.lower()
+        assert OTHER_CLIENT_TOKEN not in form.lower()
 
 
 # Each example is normally a few milliseconds; a malformed one can wait out the 1 s keep-alive

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import aiohttp
 import pytest
@@ -28,7 +29,7 @@ from proxy import logs
 from proxy.app import BODY_RATE_FLOOR, make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
-from proxy.credentials import Injector, Secret, query_param_values, redact
+from proxy.credentials import Injector, Secret, fingerprint, query_param_values, redact
 from proxy.edge.fields import parse_wait_preference
 from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
@@ -1083,3 +1084,157 @@ def test_a_client_token_list_naming_no_token_is_a_configuration_error(
     # Not "no tokens": a setting that looks like it closes the door must not leave it open.
     with pytest.raises(ConfigError, match=f"^{named}: must name at least one token"):
         Config.from_sources(flags, env)
+
+
+def assert_no_client_token_in_any_form(rec: Recorder) -> None:
+    """Neither client token reached the upstream: not as sent, decoded, or in another case."""
+    for seen in rec.seen:
+        text = seen.raw_path + "".join(f"{k}:{v}" for k, v in seen.header_list)
+        text += seen.body.decode("latin-1")
+        forms = {text, unquote(text), unquote(unquote(text)), unquote_plus(text)}
+        for form in forms:
+            for token in (CLIENT_TOKEN, OTHER_CLIENT_TOKEN):
+                assert token.lower() not in form.lower(), f"{token[:8]}... reached the upstream"
+
+
+def _upper_first(token: str) -> str:
+    return f"%{ord(token[0]):02X}{token[1:]}"
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "query_sent"),
+    [
+        # A client access_token next to the injected Bearer token: replaced, never appended.
+        ("/v3/contacts?access_token=stale-token&limit=1", (AUTH,), "limit=1"),
+        ("/v3/contacts?limit=1&access%5Ftoken=stale-token", (AUTH,), "limit=1"),
+        ("/v3/contacts?limit=1;access_token=stale-token", (AUTH,), "limit=1"),
+        (
+            f"/v2/lists?access_token=stale&api_key={CLIENT_TOKEN}&limit=1",
+            (),
+            f"limit=1&api_key={API_KEY}",
+        ),
+        # The client token in odd places of the query, next to a valid presentation.
+        (f"/v3/contacts?limit=1;x={CLIENT_TOKEN}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={CLIENT_TOKEN}%20", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={_upper_first(CLIENT_TOKEN)}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x=%2520{CLIENT_TOKEN}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={OTHER_CLIENT_TOKEN.upper()}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&{OTHER_CLIENT_TOKEN}=1", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x=a+{CLIENT_TOKEN}+b", (AUTH,), "limit=1"),
+        # ... and in headers the proxy forwards.
+        ("/v3/contacts?limit=1", (AUTH, f"X-Api-Token: {OTHER_CLIENT_TOKEN}"), "limit=1"),
+        ("/v3/contacts?limit=1", (AUTH, f"Cookie: t={CLIENT_TOKEN}"), "limit=1"),
+    ],
+)
+async def test_client_credentials_in_odd_forms_never_reach_the_upstream(
+    target: str,
+    headers: tuple[str, ...],
+    query_sent: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    status, _, body = parse(await raw_exchange(server.port, request_bytes(target, *headers)))
+    assert status == 200, body
+    [seen] = rec.seen
+    assert seen.raw_path.partition("?")[2] == query_sent
+    assert "stale" not in seen.raw_path
+    assert_clean_upstream_request(rec)
+    assert_no_client_token_in_any_form(rec)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Token {CLIENT_TOKEN}",
+        f"Bearer\t{CLIENT_TOKEN}",
+        f"Bearer {CLIENT_TOKEN}, x",
+        f"bearer  {CLIENT_TOKEN.upper()}",
+        f"Basic {CLIENT_TOKEN}",
+        f"Bearer {CLIENT_TOKEN}%20",
+    ],
+)
+async def test_a_client_token_in_authorization_never_passes_through_in_any_scheme(
+    authorization: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    # Pass-through mode: the client's own Authorization travels, unless it holds a client token.
+    rec, upstream = recorder
+    config = proxy_config(tmp_path, upstream, client_token=(Secret(CLIENT_TOKEN),))
+    server, _ = await start_proxy(config)
+    admitted = f"Proxy-Authorization: Bearer {CLIENT_TOKEN}"
+    for target in ("/v3/contacts", "/v2/lists?api_key=own-key"):
+        data = request_bytes(target, admitted, f"Authorization: {authorization}")
+        assert parse(await raw_exchange(server.port, data))[0] == 200
+    assert [s.headers.get("Authorization") for s in rec.seen] == [None, None]
+    assert_no_client_token_in_any_form(rec)
+    # Its own credentials still pass.
+    data = request_bytes("/v3/contacts", admitted, "Authorization: Bearer own-token")
+    assert parse(await raw_exchange(server.port, data))[0] == 200
+    assert rec.seen[-1].headers["Authorization"] == "Bearer own-token"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/lists?limit=1#frag",
+        f"/v2/lists?limit=1#&api_key={CLIENT_TOKEN}",
+        "/v3/contacts#x",
+        "/v2/lists%23x?limit=1#",
+    ],
+)
+async def test_a_fragment_in_the_target_is_refused(
+    target: str, recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Upstream, a fragment would swallow the api_key the proxy appends to the query.
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    raw = await raw_exchange(
+        server.port, request_bytes(target, AUTH, f"Proxy-Authorization: Bearer {CLIENT_TOKEN}")
+    )
+    status, _, body = parse(raw)
+    assert status == 400, body
+    payload = json.loads(body)
+    entry = payload[0] if target.startswith("/v2/") else payload
+    assert "fragment" in entry["error_message"]
+    assert rec.seen == []
+    assert_no_secret(raw)
+
+
+async def test_one_api_key_in_any_spelling_is_one_queue_and_two_keys_are_refused(
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # Pass-through mode: the client's api_key names the queue its request waits in.
+    rec, upstream = recorder
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream))
+    spellings = [
+        "/v2/lists?api_key=own-key-1",
+        "/v2/lists?api%5Fkey=own-key-1",
+        "/v2/lists?api%5fkey=own%2Dkey%2D1",
+        "/v2/lists?x=1;api_key=own-key-1",
+        "/v2/lists?api_key=own-key-1&api%5Fkey=own-key-1",
+    ]
+    for target in spellings:
+        async with http.get(raw_url(proxy, target)) as resp:
+            assert resp.status == 200
+    async with http.get(proxy / "status") as resp:
+        keys = (await resp.json())["keys"]
+    assert [(k["key"], k["sent_today"]) for k in keys] == [
+        (fingerprint("own-key-1"), len(spellings))
+    ]
+    for target in (
+        "/v2/lists?api_key=own-key-1&api%5Fkey=own-key-2",
+        "/v2/lists?api_key=own-key-1;api_key=own-key-2",
+        "/v2/lists?api_key=&api_key=own-key-2",
+    ):
+        async with http.get(raw_url(proxy, target)) as resp:
+            assert resp.status == 400
+            assert "more than one api_key" in (await resp.json())[0]["error_message"]
+    assert len(rec.seen) == len(spellings)
