@@ -7,6 +7,7 @@ what a recording upstream (and a trap server on another port) actually received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, fingerprint, query_param_values, redact
 from proxy.edge.fields import parse_wait_preference
+from proxy.edge.framing import MAX_HEAD_BYTES
 from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
@@ -583,6 +585,19 @@ SMUGGLED = b"GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         request_bytes(
             "/v2/a", AUTH, "Transfer-Encoding : chunked", body=b"0\r\n\r\n", method="POST"
         ),
+        # ... which llhttp reads as chunked: refused at the edge (framing.HeadGuard).
+        *(
+            request_bytes(
+                "/v2/a", AUTH, f"Transfer-Encoding: {value}", body=b"0\r\n\r\n", method="POST"
+            )
+            for value in ("identity, chunked", "gzip, chunked", "CHUNKED", "Chunked", "chunked ")
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding: chunked\t", body=b"0\r\n\r\n", method="POST"
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding:\tchunked ", body=b"0\r\n\r\n", method="POST"
+        ),
         # obs-fold, bare CR / LF and NUL inside header values, whitespace before the colon
         request_bytes("/v2/a", AUTH, "X-Folded: one\r\n two"),
         request_bytes("/v2/a", AUTH, "X-Bad: one\rHost: trap"),
@@ -607,6 +622,13 @@ SMUGGLED = b"GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         "te-xchunked",
         "te-twice",
         "te-space-colon",
+        "te-identity-chunked",
+        "te-gzip-chunked",
+        "te-upper",
+        "te-capital",
+        "te-trailing-space",
+        "te-trailing-tab",
+        "te-tab-and-space",
         "obs-fold",
         "bare-cr",
         "bare-lf",
@@ -1238,3 +1260,133 @@ async def test_one_api_key_in_any_spelling_is_one_queue_and_two_keys_are_refused
             assert resp.status == 400
             assert "more than one api_key" in (await resp.json())[0]["error_message"]
     assert len(rec.seen) == len(spellings)
+
+
+def _flood_headers(total: int) -> bytes:
+    """Header lines of about `total` bytes, each well under every per-header limit."""
+    line = b"X-Flood-%05d: " + b"f" * 4000 + b"\r\n"
+    return b"".join(line % i for i in range(total // len(line % 0) + 1))
+
+
+@pytest.mark.parametrize("writes", [1, 64])
+async def test_a_request_head_over_the_total_bound_is_431_before_it_ends(
+    writes: int, recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Each header is under max_field_size and there are fewer than max_headers: before the
+    # total bound, aiohttp's parser held all of them (~780 KB) for as long as the client liked.
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    head = b"GET /v2/lists HTTP/1.1\r\nHost: x\r\n" + _flood_headers(300 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    step = -(-len(head) // writes)
+    for i in range(0, len(head), step):  # never the blank line that would end the head
+        writer.write(head[i : i + step])
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+    writer.close()
+    status, headers, body = parse(answer)
+    assert headers["content-type"].startswith("application/json")
+    assert status == 431
+    [entry] = json.loads(body)
+    assert entry["error_key"] == "http.status.request_header_fields_too_large"
+    assert f"{MAX_HEAD_BYTES} bytes" in entry["error_message"]
+    assert rec.seen == []
+
+
+async def test_the_head_bound_counts_each_request_on_a_connection_from_its_first_byte(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream, max_body=1024 * 1024))
+    near = b"X-Near: " + b"n" * 7000 + b"\r\n"
+    big_head = b"X-Pad: 1\r\n" + near * ((MAX_HEAD_BYTES - 1024) // len(near))
+    body = b"\r\n\r\n" * (100 * 1024)  # a body full of blank lines is still a body
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+    def request(method: str, extra: bytes, content: bytes = b"") -> bytes:
+        return f"{method} /v2/a HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode() + extra + content
+
+    # Keep-alive and pipelined: bodies far over the head bound, heads just under it, in
+    # one write; none of it may count against the next head.
+    data = b"".join(
+        [
+            request("POST", big_head + f"Content-Length: {len(body)}\r\n\r\n".encode(), body),
+            request("PUT", big_head + b"Transfer-Encoding: chunked\r\n\r\n", chunked),
+            request("GET", big_head + b"\r\n"),
+            request("GET", big_head + b"Connection: close\r\n\r\n"),
+        ]
+    )
+    raw = await raw_exchange(server.port, data, timeout=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", raw) == [b"200"] * 4
+    assert [(s.method, len(s.body)) for s in rec.seen] == [
+        ("POST", len(body)),
+        ("PUT", len(body)),
+        ("GET", 0),
+        ("GET", 0),
+    ]
+    # The same requests pipelined behind a head over the bound: answered up to it.
+    data = request("GET", b"\r\n") + request("GET", _flood_headers(MAX_HEAD_BYTES))
+    raw = await raw_exchange(server.port, data)
+    assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw) == [b"200", b"431"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        request_bytes("/v3/contacts", AUTH).replace(b"Connection: close\r\n", b""),
+        request_bytes("/v2/lists", AUTH, "Content-Length: 5", body=b"hello", method="POST"),
+        request_bytes("/v2/lists", AUTH, "Transfer-Encoding: chunked", method="PUT")
+        + b"5\r\nhello\r\n0\r\n\r\n",
+        request_bytes("/v2/lists", AUTH).replace(b"HTTP/1.1", b"HTTP/1.0"),
+    ],
+    ids=["get", "post", "chunked", "http-1.0"],
+)
+async def test_a_client_that_shuts_its_sending_side_is_still_answered(
+    data: bytes, start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()  # the client's end-of-stream arrives while the proxy works
+        return web.json_response({"ok": True})
+
+    rec.answer = slow
+    upstream = await start_server(rec.app())
+    server, _ = await start_proxy(guarded(tmp_path, upstream.make_url("")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()  # shutdown(SHUT_WR): "that is all I am sending"
+    for _ in range(100):
+        if rec.seen:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    # An HTTP/1.1 client may first get an interim 102 (how a client that left is noticed).
+    final = re.sub(rb"^(HTTP/1\.1 1\d\d [^\r]*\r\n\r\n)*", b"", answer)
+    assert parse(final)[0] == 200, answer[:200]
+    assert len(rec.seen) == 1
+    if b"HTTP/1.0" in data:
+        assert not answer.startswith(b"HTTP/1.1 102")
+    assert rec.seen[0].body in (b"", b"hello")
+
+
+async def test_a_client_that_closes_while_queued_still_gives_up_its_place(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    # Two sends a second: the second request waits about half a second for its turn.
+    server, _ = await start_proxy(guarded(tmp_path, upstream, qps=2.0))
+    first = await raw_exchange(server.port, request_bytes("/v2/lists", AUTH))
+    assert parse(first)[0] == 200
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes("/v2/lists?second=1", AUTH))
+    await writer.drain()
+    writer.close()  # gone altogether, not half-closed
+    await asyncio.sleep(0.8)
+    assert [s.raw_path.partition("?")[0] for s in rec.seen] == ["/v2/lists"]
+    assert "second=1" not in "".join(s.raw_path for s in rec.seen)

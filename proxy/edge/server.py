@@ -12,9 +12,9 @@ import re
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -22,6 +22,7 @@ from aiohttp.web_request import BaseRequest
 from proxy.app import make_app
 from proxy.config import Config
 from proxy.credentials import redact
+from proxy.edge.framing import HeadGuard, HeadTooLarge
 from proxy.logs import get_logger
 from proxy.upstream_errors import cc_error_body
 
@@ -60,7 +61,10 @@ def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
     so none of it is sent back; the generation is unknown here, and an array of
     {error_key, error_message} is what v2 sends for every error and v3 for its own.
     """
-    if isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
+    if isinstance(exc, HeadTooLarge):
+        status, key = 431, "http.status.request_header_fields_too_large"
+        text = f"The request line and headers are longer than {exc.limit} bytes together."
+    elif isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
         status, key = 431, "http.status.request_header_fields_too_large"
         text = f"A request header is longer than {MAX_HEADER_FIELD} bytes."
     elif isinstance(exc, LineTooLong):
@@ -88,10 +92,72 @@ def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
 _QUOTED = re.compile(r"(?:^|\s)(?:b['\"]|bytearray\(|['\"](?![A-Za-z0-9-]{1,40}['\"]))")
 
 
-class _EdgeProtocol(RequestHandler):
-    """aiohttp's connection handler, answering what never reaches the middleware in CC's shape."""
+# How often a half-closed connection is checked for its client having gone altogether.
+HALF_CLOSED_CHECK = 0.05
+# An interim answer every HTTP/1.1 client must accept and may ignore (RFC 9110 §15.2): sent
+# to a half-closed client so that, if it has in fact closed its socket, its kernel answers
+# with a reset the proxy can see.
+_STILL_WORKING = b"HTTP/1.1 102 Processing\r\n\r\n"
 
-    __slots__ = ()
+
+class _EdgeProtocol(RequestHandler):
+    """aiohttp's connection handler with the proxy's edge rules.
+
+    It answers what never reaches the middleware in CC's shape, bounds each request head
+    (`framing.HeadGuard`), and answers a client that shut only its sending side.
+    """
+
+    __slots__ = ("_guard", "_half_closed", "_probed")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = HeadGuard(self._parser, self)
+        self._parser = cast(Any, self._guard)
+        self._half_closed: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._probed = False
+
+    # aiohttp declares None; asyncio's Protocol allows True (keep the sending side open).
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client sent its last byte: answer what it asked for, unless nothing is owed.
+
+        A client may shut its sending side once its request is out and still read the
+        answer; one that closed its socket altogether looks the same here until a write
+        draws a reset from its end (`_check_half_closed`), and then gives up its place.
+        """
+        nothing_owed = self._request_count == 0 or (self._waiter is not None and not self._messages)
+        if nothing_owed or not self._guard.reading_head:
+            return None  # idle, or a request that can no longer arrive whole: close now
+        self.close()  # nothing can follow: close once the answers are out
+        self._half_closed = self._loop.call_soon(self._check_half_closed)
+        return True
+
+    def _check_half_closed(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            # The client's end reset the connection: it is gone, the request is abandoned.
+            transport.abort()
+            return
+        request = self._current_request
+        if (
+            not self._probed
+            and request is not None
+            and request.version >= HttpVersion11
+            and not _answer_started(request)
+        ):
+            self._probed = True
+            transport.write(_STILL_WORKING)
+            self._half_closed = self._loop.call_soon(self._check_half_closed)
+            return
+        self._half_closed = self._loop.call_later(HALF_CLOSED_CHECK, self._check_half_closed)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._half_closed is not None:
+            self._half_closed.cancel()
+            self._half_closed = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -109,6 +175,16 @@ class _EdgeProtocol(RequestHandler):
         else:
             log.info("request_malformed", status=status, error=redact(repr(exc)))
         return _malformed_answer(status, exc)
+
+
+def _answer_started(request: BaseRequest) -> bool:
+    writer = request.writer
+    # aiohttp buffers a prepared answer's status line and headers until its first body write.
+    return (
+        writer.output_size > 0
+        or getattr(writer, "_headers_written", False)
+        or getattr(writer, "_headers_buf", None) is not None
+    )
 
 
 class _EdgeServer(web.Server):
