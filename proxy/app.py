@@ -26,6 +26,7 @@ from proxy.clock import SystemClock
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource, fingerprint, redact, strip_params
 from proxy.edge.fields import parse_seconds, parse_wait_preference
+from proxy.edge.limits import BodyBudget
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -82,6 +83,7 @@ class AppState:
     injector: Injector
     tokens: TokenSource
     metrics: Metrics
+    bodies: BodyBudget
     mode: Callable[[], str] = lambda: "local"
     shutting_down: bool = False
     ready_checks: list[Callable[[], Awaitable[str | None]]] = field(default_factory=list)
@@ -241,6 +243,7 @@ def _resources(
             injector=Injector(config.api_key, config.client_token),
             tokens=oauth if oauth is not None else TokenSource(config.access_token),
             metrics=Metrics(engine.status, mode),
+            bodies=BodyBudget(config.max_body_memory),
             mode=mode,
             v2_tokens=TokenSource(config.access_token) if oauth is not None else None,
         )
@@ -393,12 +396,16 @@ def _rate_policy(per_second: int, daily_quota: int) -> str:
 BODY_RATE_FLOOR = 16 * 1024
 
 
-async def _read_body(request: web.Request, limit: int, grace: float) -> bytes:
+async def _read_body(request: web.Request, limit: int, grace: float, budget: BodyBudget) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
     if not request.body_exists:
         return b""
+    # The body counts against the budget until its request is answered (this task's end).
+    hold = budget.hold(until_done=asyncio.current_task())
+    if length is not None:
+        hold.reserve(length)
     chunks = []
     size = 0
     start = asyncio.get_running_loop().time()
@@ -410,6 +417,7 @@ async def _read_body(request: web.Request, limit: int, grace: float) -> bytes:
                     raise BodyTooLarge(
                         f"The request body is larger than the proxy's limit of {limit} bytes."
                     )
+                hold.take(len(chunk))
                 chunks.append(chunk)
                 deadline.reschedule(start + grace + size / BODY_RATE_FLOOR)
     except TimeoutError:
@@ -452,7 +460,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     out = state.injector.outbound(target.generation, target.query, client_auth, token)
     record.key = fingerprint(out.quota_key)
     body = (
-        await _read_body(request, state.config.max_body, state.config.body_timeout)
+        await _read_body(request, state.config.max_body, state.config.body_timeout, state.bodies)
         if request.body_exists
         else b""
     )

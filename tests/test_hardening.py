@@ -27,12 +27,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy import logs
-from proxy.app import BODY_RATE_FLOOR, make_app
+from proxy.app import BODY_RATE_FLOOR, STATE, make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, fingerprint, query_param_values, redact
 from proxy.edge.fields import parse_wait_preference
 from proxy.edge.framing import MAX_HEAD_BYTES
+from proxy.edge.limits import BodyBudget
 from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
@@ -40,6 +41,7 @@ from proxy.edge.server import (
     MAX_REQUEST_TARGET,
     runner_options,
 )
+from proxy.errors import Unavailable
 from tests.conftest import (
     Recorder,
     ServerFactory,
@@ -88,6 +90,13 @@ def request_bytes(target: str, *headers: str, body: bytes = b"", method: str = "
     """One HTTP/1.1 request that asks the server to close after answering."""
     lines = [f"{method} {target} HTTP/1.1", "Host: proxy.test", *headers, "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer (head and Content-Length body), without waiting for the connection to close."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(parse(head)[1].get("content-length", "0"))
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
 
 
 def assert_no_secret(text: str | bytes) -> None:
@@ -1390,3 +1399,95 @@ async def test_a_client_that_closes_while_queued_still_gives_up_its_place(
     await asyncio.sleep(0.8)
     assert [s.raw_path.partition("?")[0] for s in rec.seen] == ["/v2/lists"]
     assert "second=1" not in "".join(s.raw_path for s in rec.seen)
+
+
+async def test_body_memory_across_requests_is_bounded_503_before_reading_the_body(
+    start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()  # keeps the proxy holding the bodies it sent
+        return web.json_response({"ok": True})
+
+    rec.answer = slow
+    upstream = await start_server(rec.app())
+    config = guarded(tmp_path, upstream.make_url(""), max_body=1000, max_body_memory=2500)
+    server, _ = await start_proxy(config)
+    bodies = server.app[STATE].bodies
+
+    async def post(data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(data)
+        await writer.drain()
+        return reader, writer
+
+    held = [
+        await post(
+            request_bytes("/v2/a", AUTH, "Content-Length: 1000", body=b"a" * 1000, method="POST")
+        )
+        for _ in range(2)
+    ]
+    for _ in range(200):
+        if len(rec.seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert bodies.held == 2000
+    # Declared too big for what is left: refused before a byte of the body is sent.
+    reader, writer = await post(request_bytes("/v3/a", AUTH, "Content-Length: 600", method="POST"))
+    status, headers, body = parse(await read_answer(reader))
+    writer.close()
+    assert status == 503
+    assert headers["retry-after"] == "1"
+    assert json.loads(body)["error_key"] == "service_unavailable"
+    # Chunked: refused when the chunk that would cross the bound arrives.
+    chunked = b"".join(b"64\r\n" + b"c" * 100 + b"\r\n" for _ in range(6)) + b"0\r\n\r\n"
+    reader, writer = await post(
+        request_bytes("/v2/a", AUTH, "Transfer-Encoding: chunked", body=chunked, method="POST")
+    )
+    status, headers, _ = parse(await read_answer(reader))
+    writer.close()
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert len(rec.seen) == 2
+    assert bodies.held == 2000
+    # Answered: their bodies are let go, and a body fits again.
+    release.set()
+    for reader, writer in held:
+        assert parse(await read_answer(reader))[0] == 200
+        writer.close()
+    assert bodies.held == 0
+    raw = await raw_exchange(
+        server.port,
+        request_bytes("/v2/a", AUTH, "Content-Length: 1000", body=b"b" * 1000, method="POST"),
+    )
+    assert parse(raw)[0] == 200
+    assert bodies.held == 0
+    assert bodies.peak == 2000
+
+
+def test_a_body_hold_reserves_declared_lengths_grows_with_chunks_and_releases_once() -> None:
+    budget = BodyBudget(100)
+    with budget.hold() as first:
+        first.reserve(60)
+        first.take(30)  # within what was reserved
+        assert budget.held == 60
+        second = budget.hold()
+        second.take(40)
+        assert budget.held == 100
+        with pytest.raises(Unavailable) as refused:
+            second.take(1)
+        assert refused.value.status == 503
+        assert refused.value.headers() == {"Retry-After": "1"}
+        second.release()
+        second.release()
+        assert budget.held == 60
+    assert budget.held == 0
+    assert budget.peak == 100
+
+
+def test_max_body_memory_below_max_body_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match=r"^--max-body-memory: must be at least --max-body"):
+        Config.from_sources({"max_body": "2000", "max_body_memory": "1000"}, {})
+    env = {"CTCT_PROXY_MAX_BODY_MEMORY": str(32 * 1024 * 1024)}
+    assert Config.from_sources({}, env).max_body_memory == 32 * 1024 * 1024
