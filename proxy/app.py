@@ -242,7 +242,7 @@ def _resources(
             upstream=Upstream(session, {"v2": config.upstream_v2, "v3": config.upstream_v3}),
             injector=Injector(config.api_key, config.client_token),
             tokens=oauth if oauth is not None else TokenSource(config.access_token),
-            metrics=Metrics(engine.status, mode),
+            metrics=Metrics(engine, mode),
             bodies=BodyBudget(config.max_body_memory),
             mode=mode,
             v2_tokens=TokenSource(config.access_token) if oauth is not None else None,
