@@ -36,6 +36,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.common import free_port, start, stop, wait_ready
+from proxy.config import DEFAULT_MAX_BODY_MEMORY
 
 API_KEY = "attack-api-key-3c1d"
 ACCESS_TOKEN = "attack-access-token-9e2f"
@@ -115,7 +116,7 @@ class PeakWatch:
 async def header_flood(stack: Stack, connections: int, size: int, hold: float) -> str:
     """C connections with an unterminated head of `size` bytes each, held `hold` seconds."""
     line = b"X-Filler-%05d: " + b"h" * 7000 + b"\r\n"  # under the 8190-byte field limit
-    headers = b"".join(line % i for i in range(size // len(line % 0)))[:size]
+    headers = b"".join(line % i for i in range(size // len(line % 0) + 1))[:size]
     head = b"GET /v2/lists HTTP/1.1\r\nHost: proxy\r\n" + headers  # no final CRLF
     outcomes: Counter[str] = Counter()
     sent = 0
@@ -269,6 +270,9 @@ async def main() -> None:
     parser.add_argument("--hold", type=float, default=5.0, help="seconds each is held open")
     parser.add_argument("--bodies", type=int, default=150, help="body flood clients")
     parser.add_argument("--body-mib", type=int, default=8)
+    parser.add_argument(
+        "--max-body-memory", type=int, help="the proxy's setting, bytes (default: its default)"
+    )
     parser.add_argument("--keys", type=int, default=10_000, help="scrape storm")
     parser.add_argument("--scrapers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0, help="scrape storm length")
@@ -287,9 +291,12 @@ async def main() -> None:
             lambda s: header_flood(s, args.connections, args.header_bytes, args.hold),
         )
     if "bodies" in only:
+        bound = args.max_body_memory or DEFAULT_MAX_BODY_MEMORY
         await attack(
-            f"body flood: {args.bodies} clients x {args.body_mib} MiB bodies at once",
+            f"body flood: {args.bodies} clients x {args.body_mib} MiB bodies at once, "
+            f"--max-body-memory {bound / MIB:g} MiB",
             lambda s: body_flood(s, args.bodies, args.body_mib * MIB),
+            extra=["--max-body-memory", str(bound)] if args.max_body_memory else (),
         )
     if "metrics" in only:
         latencies: list[float] = []

@@ -31,6 +31,7 @@ from proxy.app import BODY_RATE_FLOOR, STATE, make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
 from proxy.credentials import Injector, Secret, fingerprint, query_param_values, redact
+from proxy.edge import limits
 from proxy.edge.fields import parse_wait_preference
 from proxy.edge.framing import MAX_HEAD_BYTES
 from proxy.edge.limits import BodyBudget
@@ -1491,3 +1492,63 @@ def test_max_body_memory_below_max_body_is_a_configuration_error() -> None:
         Config.from_sources({"max_body": "2000", "max_body_memory": "1000"}, {})
     env = {"CTCT_PROXY_MAX_BODY_MEMORY": str(32 * 1024 * 1024)}
     assert Config.from_sources({}, env).max_body_memory == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+@pytest.mark.parametrize(
+    ("encoding", "status"),
+    [
+        ("chunked", 200),
+        ("chunked ", 400),
+        ("CHUNKED", 400),
+        ("gzip, chunked", 400),
+        (" " * 80 + "chunked", 200),  # leading whitespace is not part of a value
+        ("x" * 80 + ", chunked", 400),
+    ],
+)
+async def test_transfer_encoding_is_checked_however_the_head_is_cut_into_reads(
+    piece: int,
+    encoding: str,
+    status: int,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    data = request_bytes(
+        "/v2/a", AUTH, f"Transfer-Encoding: {encoding}", body=b"2\r\nok\r\n0\r\n\r\n", method="POST"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for i in range(0, len(data), piece):
+        writer.write(data[i : i + piece])
+        await writer.drain()
+    answer = await read_answer(reader)
+    writer.close()
+    assert parse(answer)[0] == status
+    assert [s.body for s in rec.seen] == ([b"ok"] if status == 200 else [])
+
+
+async def test_freed_memory_is_given_back_periodically_where_the_allocator_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On glibc (the image's libc) both allocator settings take; elsewhere they are skipped.
+    assert limits._libc() is not None
+    assert limits.hold_mmap_threshold() is True
+    trims: list[int] = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(limits, "_libc", FakeLibc)
+    task = asyncio.create_task(limits.give_back_freed_memory(interval=0.001))
+    for _ in range(200):
+        if len(trims) >= 3:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    assert trims[:3] == [0, 0, 0]
+    monkeypatch.setattr(limits, "_libc", lambda: None)
+    await asyncio.wait_for(limits.give_back_freed_memory(interval=0.001), 1)  # returns at once

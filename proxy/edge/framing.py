@@ -30,7 +30,12 @@ from aiohttp.web_protocol import _ErrInfo
 MAX_HEAD_BYTES = 32 * 1024
 
 _END = b"\r\n\r\n"
+# Over complete lines (the head as it arrives); aiohttp strips trailing whitespace from what
+# it reports, so "chunked " can only be told from "chunked" here.
 _TRANSFER_ENCODING = re.compile(rb"(?im)^transfer-encoding:[ \t]*([^\r\n]*)\r?$")
+# Of a line not finished yet, only this much is kept: no valid Transfer-Encoding line is
+# longer, and a longer one is marked (a NUL) so that it can never read as valid.
+_LINE_KEPT = 64
 _Message = tuple[Any, StreamReader]
 _Fed = tuple[list[_Message], bool, bytes]
 
@@ -67,24 +72,31 @@ class HeadGuard:
         "_head",
         "_held",
         "_limit",
+        "_line",
         "_parser",
-        "_parts",
         "_payload",
         "_protocol",
         "_refused",
+        "_te_values",
     )
 
     def __init__(self, parser: Any, protocol: BaseProtocol, limit: int = MAX_HEAD_BYTES) -> None:
-        self._parser = parser
-        self._protocol = protocol
+        self._parser: Any = parser
+        self._protocol: Any = protocol
         self._limit = limit
         self._head = 0  # bytes of the head being read
-        self._parts: list[bytes] = []  # those bytes, for the Transfer-Encoding check
+        self._line = b""  # the start of the head's unfinished last line
+        self._te_values: list[bytes] = []  # the head's Transfer-Encoding values, as sent
         self._carry = b""  # the last bytes fed, to find a blank line split across reads
         self._body_left = 0  # bytes of a Content-Length body still to come
         self._payload: StreamReader | None = None  # a chunked body being read
         self._held = b""
         self._refused = False
+
+    def close(self) -> None:
+        """Let go of the parser and the connection (they refer to each other through here)."""
+        self._parser = self._protocol = None
+        self._te_values, self._held, self._payload = [], b"", None
 
     def __getattr__(self, name: str) -> Any:
         # pause_reading, message_consumed, set_upgraded, feed_eof: the parser's own.
@@ -142,7 +154,7 @@ class HeadGuard:
                 self._head += stop - pos
             segment = data if stop - pos == size else data[pos:stop]
             if in_head:
-                self._parts.append(segment)
+                self._scan_head(segment)
             self._carry = segment[-3:] if len(segment) >= 3 else (self._carry + segment)[-3:]
             emitted = len(messages)
             fed = self._feed(segment, messages, data, stop)
@@ -155,6 +167,15 @@ class HeadGuard:
                     return self._refuse(messages, refused, 400)
             pos = stop
         return messages, False, b""
+
+    def _scan_head(self, segment: bytes) -> None:
+        """Note the Transfer-Encoding values of a head as it is fed, keeping none of it."""
+        text = self._line + segment if self._line else segment
+        end = text.rfind(b"\n") + 1
+        if end:
+            self._te_values.extend(_TRANSFER_ENCODING.findall(text, 0, end))
+        rest = len(text) - end
+        self._line = text[end : end + _LINE_KEPT] + (b"\0" if rest > _LINE_KEPT else b"")
 
     def _end_of(self, data: bytes, pos: int) -> int:
         """Where the first blank line at or after pos ends (-1 if none), across reads too."""
@@ -184,15 +205,14 @@ class HeadGuard:
 
     def _begin(self, message: _Message, at_end: bool) -> HttpProcessingError | None:
         """A head ended: check its framing, then expect its body (if any)."""
-        head, self._parts = b"".join(self._parts), []
+        values, self._te_values, self._line = self._te_values, [], b""
         # A head cut where its blank line ended is all accounted for; a message the parser
         # finished elsewhere (an HTTP/0.9 line) leaves what was fed counted, not free.
-        self._head = 0 if at_end else len(head)
+        if at_end:
+            self._head = 0
         msg, payload = message
-        if hdrs.TRANSFER_ENCODING in msg.headers:
-            values = _TRANSFER_ENCODING.findall(head)
-            if values != [b"chunked"]:
-                return TransferEncodingRefused()
+        if hdrs.TRANSFER_ENCODING in msg.headers and values != [b"chunked"]:
+            return TransferEncodingRefused()
         if payload is EMPTY_PAYLOAD or payload.is_eof():
             return None
         if msg.chunked:
@@ -207,6 +227,6 @@ class HeadGuard:
     def _refuse(self, messages: list[_Message], exc: HttpProcessingError, status: int) -> _Fed:
         """Answer what came before, then this error; read nothing more from the connection."""
         self._refused = True
-        self._parts, self._held = [], b""
+        self._te_values, self._held = [], b""
         messages.append((_ErrInfo(status=status, exc=exc, message=exc.message), EMPTY_PAYLOAD))
         return messages, False, b""
