@@ -115,7 +115,8 @@ class PeakWatch:
 
 async def header_flood(stack: Stack, connections: int, size: int, hold: float) -> str:
     """C connections with an unterminated head of `size` bytes each, held `hold` seconds."""
-    line = b"X-Filler-%05d: " + b"h" * 7000 + b"\r\n"  # under the 8190-byte field limit
+    # 99 lines of 7.9 KB make 780 KB: under the 8,190-byte field and 100-header limits.
+    line = b"X-Filler-%05d: " + b"h" * 7860 + b"\r\n"
     headers = b"".join(line % i for i in range(size // len(line % 0) + 1))[:size]
     head = b"GET /v2/lists HTTP/1.1\r\nHost: proxy\r\n" + headers  # no final CRLF
     outcomes: Counter[str] = Counter()
@@ -252,10 +253,8 @@ async def attack(
             await asyncio.sleep(settle)
             after = stack.memory()["VmRSS"]
             print(f"{title}: {what} ({took:.1f} s)")
-            print(
-                f"  proxy RSS: idle {idle:.0f} MB, peak {peak:.0f} MB, "
-                f"{settle:.0f} s after the connections closed {after:.0f} MB"
-            )
+            when = f"{settle:.0f} s after the connections closed" if settle else "at the end"
+            print(f"  proxy RSS: idle {idle:.0f} MB, peak {peak:.0f} MB, {when} {after:.0f} MB")
         finally:
             stack.close()
 
