@@ -24,6 +24,7 @@ from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
 from proxy.edge import ops
 from proxy.edge.dashboard import DASHBOARD, ClientQueue, Dashboard, add_dashboard_routes
+from proxy.edge.limits import BodyBudget
 from proxy.edge.middleware import LEDGER, RequestLedger, edge_middleware
 from proxy.egress import upstream_session
 from proxy.errors import StartupError
@@ -166,8 +167,9 @@ async def _request_path(app: web.Application) -> AsyncIterator[None]:
         upstream=Upstream(app[SESSION], {"v2": config.upstream_v2, "v3": config.upstream_v3}),
         injector=Injector(config.api_key, config.client_token),
         tokens=tokens,
+        bodies=BodyBudget(config.max_body_memory),
         metrics=Metrics(
-            engine.status,
+            engine,
             backend.mode,
             history=feed.history,
             limits=ConfiguredLimits(config.qps, config.daily_quota, config.max_wait),

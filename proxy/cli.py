@@ -70,11 +70,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"ctct-proxy: error: {error}", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure(config.log_format, config.log_level)
-        from proxy.edge.server import serve
+        from proxy.edge.server import CannotListen, serve
         from proxy.errors import StartupError
 
         try:
             _run(serve(config))
+        except CannotListen as error:
+            print(f"ctct-proxy: error: --host/--port: {error}", file=sys.stderr)
+            return EXIT_CONFIG
         except (StartupError, OSError) as error:
             print(f"ctct-proxy: error: {_one_line(error)}", file=sys.stderr)
             return EXIT_CONFIG

@@ -35,6 +35,10 @@ DEFAULT_MAX_QUEUE = 10_000
 # (bench/quota.py measured 0 rejections at 97.5% utilisation with it).
 DEFAULT_PACING_MARGIN = 0.025
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
+# Request bodies held at once, all requests together (edge/limits.py): eight bodies of the
+# largest size, or thousands of ordinary API calls' JSON, and a bound a container's memory
+# limit can be set from.
+DEFAULT_MAX_BODY_MEMORY = 64 * 1024 * 1024
 # A request body gets this long, plus a second per 16 KiB received (see app._read_body).
 DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -147,6 +151,9 @@ def _client_tokens(text: str) -> tuple[Secret, ...]:
         if not (sep and value.strip("=") and _CLIENT_NAME.fullmatch(name)):
             name, value = "", part
         tokens.append(ClientToken(_secret(value).reveal(), name or None))
+    if not tokens:
+        # "," or "" must not quietly mean "no tokens": that is the open door it looks closed.
+        raise ValueError("must name at least one token (comma-separated)")
     if any(len(token.reveal()) < MIN_CLIENT_TOKEN_LENGTH for token in tokens):
         raise ValueError(
             f"must be at least {MIN_CLIENT_TOKEN_LENGTH} characters (try: openssl rand -hex 16)"
@@ -280,6 +287,13 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
         "largest request body in bytes (kept for replays); larger answers 413",
         str(DEFAULT_MAX_BODY),
+    ),
+    Setting(
+        "max_body_memory",
+        "CTCT_PROXY_MAX_BODY_MEMORY",
+        _positive_int,
+        "request body bytes held at once across all requests; beyond it 503 + Retry-After",
+        str(DEFAULT_MAX_BODY_MEMORY),
     ),
     Setting(
         "body_timeout",
@@ -492,6 +506,7 @@ class Config:
     max_queue: int = DEFAULT_MAX_QUEUE
     pacing_margin: float = DEFAULT_PACING_MARGIN
     max_body: int = DEFAULT_MAX_BODY
+    max_body_memory: int = DEFAULT_MAX_BODY_MEMORY
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
@@ -579,6 +594,10 @@ class Config:
             )
         if not config.api_key and any("=" not in name for name in config.key_name):
             raise ConfigError("--key-name: a NAME without FINGERPRINT= names --api-key, not set")
+        if config.max_body_memory < config.max_body:
+            raise ConfigError(
+                "--max-body-memory: must be at least --max-body (one body of the largest size)"
+            )
         if config.refresh_token and not config.client_id:
             raise ConfigError("--client-id: is required with --refresh-token")
         return config

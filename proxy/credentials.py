@@ -17,9 +17,13 @@ from dataclasses import dataclass
 from typing import NewType
 from urllib.parse import quote, unquote
 
+from multidict import MutableMultiMapping
 from yarl import URL
 
+from proxy.errors import BadRequest
+
 API_KEY_PARAM = "api_key"
+_ACCESS_TOKEN_PARAM = "access_token"
 _PARAM_NAMES_TO_STRIP = frozenset({API_KEY_PARAM})
 REDACTED = "***"
 NO_KEY = "(none)"
@@ -162,6 +166,11 @@ def redact(text: str) -> str:
     return text
 
 
+def _lowered_decoded(raw_query: str) -> str:
+    """A cheap superset test for parameter names: the query decoded once, lower-cased."""
+    return unquote(raw_query).lower() if "%" in raw_query else raw_query.lower()
+
+
 def _wire(value: str) -> bytes:
     # surrogatepass: header values arrive decoded with surrogateescape; never raise here.
     return value.encode("utf-8", "surrogatepass")
@@ -242,10 +251,42 @@ def query_param_values(raw_query: str, name: str) -> list[str]:
     return values
 
 
+# Some servers also split a query at ";" (the HTML 4 recommendation, Java servlet
+# containers, Python before 3.9.2): wherever credentials are looked for or taken out, both
+# separators count, so that "x=1;api_key=K" cannot carry a key past the proxy.
+_SEPARATED = re.compile(r"([&;])")
+
+
+def _pieces(raw_query: str) -> list[tuple[str, str]]:
+    """(separator before, piece) for every non-empty piece of a raw query, split at & and ;."""
+    parts = _SEPARATED.split(raw_query)
+    pieces = [("", parts[0])] if parts[0] else []
+    pieces.extend((parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2) if parts[i + 1])
+    return pieces
+
+
+def _join(pieces: Iterable[tuple[str, str]]) -> str:
+    out: list[str] = []
+    for separator, piece in pieces:
+        if out:
+            out.append(separator)
+        out.append(piece)
+    return "".join(out)
+
+
 def strip_params(raw_query: str, names: Iterable[str]) -> str:
-    """The raw query without the named parameters; every other byte kept as sent."""
+    """The raw query without the named parameters (names percent-decoded, split at & and ;).
+
+    Every other piece is kept byte for byte, with the separator that preceded it.
+    """
     drop = frozenset(names)
-    return "&".join(p for p in raw_query.split("&") if p and _param_name(p) not in drop)
+    return _join((sep, p) for sep, p in _pieces(raw_query) if _param_name(p) not in drop)
+
+
+def api_key_values(raw_query: str) -> list[str]:
+    """Every `api_key` a raw query carries, however written: names and values percent-decoded,
+    pieces split at & and ; (``api%5Fkey=K`` and ``x=1;api_key=K`` are api_keys too)."""
+    return [_param_value(p) for _, p in _pieces(raw_query) if _param_name(p) == API_KEY_PARAM]
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +306,7 @@ class Injector:
     or ``Proxy-Authorization: Bearer``. They are checked in `admits` and never leave the proxy.
     """
 
-    __slots__ = ("_api_key", "_api_key_param", "_client_names", "_client_tokens")
+    __slots__ = ("_api_key", "_api_key_param", "_client_names", "_client_tokens", "_lowered_tokens")
 
     def __init__(self, api_key: Secret | None, client_tokens: Iterable[Secret] = ()) -> None:
         self._api_key = api_key.reveal() if api_key else None
@@ -277,6 +318,7 @@ class Injector:
         self._client_names = tuple(
             t.name if isinstance(t, ClientToken) else client_token_label(t.reveal()) for t in tokens
         )
+        self._lowered_tokens = tuple(t.reveal().lower() for t in tokens)
 
     def is_client_token(self, value: str | None) -> bool:
         """Whether a presented value is one of the client tokens (constant-time comparison)."""
@@ -303,34 +345,71 @@ class Injector:
         """Work out the query, Authorization and quota key a request is sent with.
 
         With a configured key every client `api_key` goes and exactly one configured one is
-        added (v2); with a configured token `Authorization` is replaced. Without configured
-        credentials the client's own pass through; client tokens never do, in any parameter.
+        added (v2); with a configured token `Authorization` is replaced and every client
+        `access_token` parameter goes. Without configured credentials the client's own pass
+        through; a client token never does, in any parameter, in any encoding, nor in
+        `Authorization` under any scheme. Raises BadRequest when the client's own api_keys
+        (pass-through mode) name two different keys.
         """
-        query = self._without_client_tokens(raw_query) if self._client_tokens else raw_query
+        query = raw_query
+        if self._client_tokens and query:
+            query = self._without_client_tokens(query)
+        if token is not None and _ACCESS_TOKEN_PARAM in _lowered_decoded(query):
+            query = strip_params(query, (_ACCESS_TOKEN_PARAM,))
         if generation == "v2" and self._api_key_param is not None:
             stripped = strip_params(query, _PARAM_NAMES_TO_STRIP)
             query = f"{stripped}&{self._api_key_param}" if stripped else self._api_key_param
 
         if token is not None:
             authorization: str | None = f"Bearer {token}"
-        elif self.is_client_token(bearer_token(client_authorization)):
+        elif client_authorization is not None and self.carries_client_token(client_authorization):
             authorization = None
         else:
             authorization = client_authorization
         return Outbound(query, authorization, self._quota_key(generation, query, authorization))
 
+    def carries_client_token(self, text: str) -> bool:
+        """Whether text holds a client token in any form: as sent, percent-decoded (once or
+        twice), in any case. For what leaves the proxy, never for admission."""
+        if not self._client_tokens:
+            return False
+        forms = {text.lower()}
+        if "%" in text or "+" in text:
+            once = unquote(text.replace("+", " "))
+            forms.update((once.lower(), unquote(once).lower()))
+        return any(token in form for token in self._lowered_tokens for form in forms)
+
+    def drop_client_tokens(self, headers: MutableMultiMapping[str]) -> None:
+        """Remove every header field whose name or value carries a client token (any form)."""
+        if not self._client_tokens:
+            return
+        carrying = {
+            name
+            for name, value in headers.items()
+            if self.carries_client_token(value) or self.carries_client_token(name)
+        }
+        for name in carrying:
+            headers.popall(name, None)
+
     def _without_client_tokens(self, raw_query: str) -> str:
-        pieces = raw_query.split("&")
-        kept = [p for p in pieces if not self.is_client_token(_param_value(p))]
-        # Untouched queries keep every byte (empty pieces included).
-        return raw_query if len(kept) == len(pieces) else "&".join(p for p in kept if p)
+        if not self.carries_client_token(raw_query):
+            return raw_query  # untouched queries keep every byte
+        query = _join((sep, p) for sep, p in _pieces(raw_query) if not self.carries_client_token(p))
+        if self.carries_client_token(query):
+            # Only a token that itself holds "&" or ";" can span pieces; it goes nowhere.
+            raise BadRequest("The request's query string cannot be forwarded as it is.")
+        return query
 
     def _quota_key(self, generation: str, query: str, authorization: str | None) -> str:
         if self._api_key is not None:
             return self._api_key
         if generation == "v2":
-            values = query_param_values(query, API_KEY_PARAM) if API_KEY_PARAM in query else []
-            return values[0] if values else NO_KEY
+            keys = set(api_key_values(query)) if API_KEY_PARAM in _lowered_decoded(query) else ()
+            if len(keys) > 1:
+                # The upstream would pick one, the proxy might queue under the other: refuse
+                # rather than let one request be paced under a key it is not sent with.
+                raise BadRequest("The request carries more than one api_key; send exactly one.")
+            return next(iter(keys), NO_KEY)
         token = bearer_token(authorization)
         client_id = jwt_client_id(token) if token else None
         return client_id or V3_SHARED_BUCKET

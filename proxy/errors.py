@@ -89,11 +89,19 @@ class BadRequest(ProxyError):
 
 
 class MethodNotAllowed(ProxyError):
-    """CONNECT and other methods the proxy never forwards."""
+    """CONNECT, TRACE and other methods the proxy never forwards."""
 
     status = 405
     v2_key = "http.status.method_not_allowed"
     v3_key = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        """A 405 lists the methods that would be accepted (RFC 9110 §15.5.6)."""
+        return {"Allow": ", ".join(self.allow)} if self.allow else {}
 
 
 class BodyTooLarge(ProxyError):

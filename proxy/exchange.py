@@ -38,6 +38,8 @@ from multidict import CIMultiDict
 
 from proxy.clients import client_name, urgency
 from proxy.credentials import Outbound, fingerprint
+from proxy.edge.fields import parse_wait_preference
+from proxy.edge.limits import BodyBudget
 from proxy.edge.middleware import RECORD, UNINVITED, RequestRecord, rate_headers
 from proxy.errors import (
     BadRequest,
@@ -45,7 +47,6 @@ from proxy.errors import (
     BodyTooLarge,
     ClientUnauthorized,
     ConnectionLost,
-    MethodNotAllowed,
     ProxyError,
     Throttled,
     Unavailable,
@@ -53,6 +54,7 @@ from proxy.errors import (
 from proxy.forward import (
     IDEMPOTENT,
     Target,
+    check_method,
     check_target,
     outbound_headers,
     read_bounded,
@@ -79,8 +81,6 @@ MAX_REPLAYS = 8
 # Past --body-timeout a body must keep averaging this rate: a slow link uploading a big file
 # gets through, a client that holds a connection open by trickling bytes does not.
 BODY_RATE_FLOOR = 16 * 1024
-# A `Prefer: wait=N` longer than this many digits is not a number of seconds.
-_MAX_WAIT_DIGITS = 6
 
 
 class Reason(enum.Enum):
@@ -149,6 +149,7 @@ class Exchange:
             request.remote,
             request.scheme,
         )
+        state.injector.drop_client_tokens(self.headers)
         self.connection_retried = False
         self.renewed = False
 
@@ -308,7 +309,7 @@ class Exchange:
             ("X-Request-Id", record.request_id),
             ("Server-Timing", f"queue;dur={record.queued * 1000:.1f}"),
         ]
-        preferred = wait_preference(self.request.headers.get("Prefer"))
+        preferred = parse_wait_preference(self.request.headers.get("Prefer"))
         if preferred is not None and preferred <= state.config.max_wait:
             extra.append(("Preference-Applied", f"wait={preferred}"))
         return extra
@@ -321,8 +322,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     """Queue a /v2 or /v3 request for its key, send it with our credentials, answer."""
     state = request.app[STATE]
     record = request[RECORD]
-    if request.method == "CONNECT":
-        raise MethodNotAllowed("CONNECT is not supported; this proxy only forwards API calls.")
+    check_method(request.method)
     target = check_target(request.raw_path)
     if request.version.major != 1:
         # llhttp lets "HTTP/0.9" and "HTTP/2.0" through with HTTP/1 framing; nobody real does.
@@ -347,7 +347,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     )
     record.key = fingerprint(arrival.quota_key)
     budget = float(state.config.max_wait)
-    preferred = wait_preference(headers_in.get("Prefer"))
+    preferred = parse_wait_preference(headers_in.get("Prefer"))
     if preferred is not None and preferred < budget:
         budget = float(preferred)
     queue = await state.engine.load(arrival.quota_key)
@@ -367,33 +367,27 @@ async def forward(request: web.Request) -> web.StreamResponse:
     queue.check(budget, record.client, record.lane)
     body = b""
     if request.body_exists:
-        body = await read_body(request, state.config.max_body, state.config.body_timeout)
+        body = await read_body(
+            request, state.config.max_body, state.config.body_timeout, state.bodies
+        )
     exchange = Exchange(state, request, target, queue, arrival, body, budget)
     if request.method in WRITE_METHODS:
         return await reads.writing(target, exchange.run())
     return await exchange.run()
 
 
-def wait_preference(prefer: str | None) -> int | None:
-    """The `wait` preference of a Prefer header (RFC 7240), in whole seconds, if any."""
-    if not prefer:
-        return None
-    for item in prefer.split(","):
-        name, _, value = item.split(";")[0].strip().partition("=")
-        if name.strip().lower() == "wait":
-            value = value.strip().strip('"')
-            if value.isascii() and value.isdigit() and len(value) <= _MAX_WAIT_DIGITS:
-                return int(value)
-    return None
-
-
-async def read_body(request: web.Request, limit: int, grace: float) -> bytes:
-    """The whole request body (kept for replays), bounded in size and in time."""
+async def read_body(request: web.Request, limit: int, grace: float, budget: BodyBudget) -> bytes:
+    """The whole request body (kept for replays), bounded in size, in time and, across all
+    requests, in memory (`budget`: 503 beyond it)."""
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
     if not request.body_exists:
         return b""
+    # The body counts against the budget until its request is answered (this task's end).
+    hold = budget.hold(until_done=asyncio.current_task())
+    if length is not None:
+        hold.reserve(length)
     chunks = []
     size = 0
     start = asyncio.get_running_loop().time()
@@ -405,6 +399,7 @@ async def read_body(request: web.Request, limit: int, grace: float) -> bytes:
                     raise BodyTooLarge(
                         f"The request body is larger than the proxy's limit of {limit} bytes."
                     )
+                hold.take(len(chunk))
                 chunks.append(chunk)
                 deadline.reschedule(start + grace + size / BODY_RATE_FLOOR)
     except TimeoutError:

@@ -24,6 +24,7 @@ from proxy.errors import (
     AnswerCut,
     BadRequest,
     ConnectionLost,
+    MethodNotAllowed,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -66,6 +67,25 @@ _DOT_SEGMENT = re.compile(r"(^|/)\.{1,2}(/|$)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# The methods Constant Contact's v2 and v3 APIs use, plus HEAD (a GET without the body).
+# Everything else is refused before anything is sent: TRACE would have an upstream that
+# reflects it echo the injected credentials back, OPTIONS would let a browser's CORS
+# preflight open the proxy to cross-origin PUT and DELETE, CONNECT asks for a tunnel.
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+_ALLOWED = frozenset(ALLOWED_METHODS)
+
+
+def check_method(method: str) -> None:
+    """Refuse (405, with `Allow`) any method the Constant Contact API does not use."""
+    if method not in _ALLOWED:
+        raise MethodNotAllowed(
+            "This method is not used by the Constant Contact API; the proxy forwards only "
+            + ", ".join(ALLOWED_METHODS)
+            + ".",
+            allow=ALLOWED_METHODS,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A checked request target: the raw path (kept as sent) and the raw query string.
@@ -83,10 +103,15 @@ def check_target(raw_target: str) -> Target:
     """Accept only origin-form targets under /v2/ or /v3/ that cannot climb out of them.
 
     Dot segments are refused whether written plainly or percent-encoded, and so are
-    encoded slashes and backslashes that an upstream might decode into a separator.
+    encoded slashes and backslashes that an upstream might decode into a separator, and
+    fragments.
     """
     if not raw_target.startswith("/") or raw_target.startswith("//"):
         raise BadRequest("Only origin-form request targets (a path starting with /) are accepted.")
+    if "#" in raw_target:
+        # No request target has a fragment (RFC 9112 §3.2); upstream, everything after it
+        # (the injected api_key included) would be dropped.
+        raise BadRequest("The request target must not contain a fragment (#).")
     path, question, query = raw_target.partition("?")
     if path.startswith("/v2/"):
         generation: Generation = "v2"

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.credentials import Injector, TokenSource
+from proxy.edge.limits import BodyBudget
 from proxy.forward import Upstream
 from proxy.history import HistoryFeed
 from proxy.metrics import Metrics
@@ -27,6 +28,7 @@ class AppState:
     injector: Injector
     tokens: TokenSource
     metrics: Metrics
+    bodies: BodyBudget  # request bodies held across all requests, bounded
     feed: HistoryFeed  # what the dashboard's history is told about sends, rejections, replays
     # v2's (fixed) token when `tokens` is v3's OAuth source; None: `tokens` serves both.
     v2_tokens: TokenSource | None = None

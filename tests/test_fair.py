@@ -21,7 +21,7 @@ from proxy.config import Config, ConfigError
 from proxy.credentials import ClientToken, Secret, client_token_label
 from proxy.errors import Throttled
 from proxy.metrics import CLIENT_SERIES, OTHER_CLIENT, Metrics
-from proxy.quota import LANE_ROUND, KeyQueue, Ticket
+from proxy.quota import LANE_ROUND, KeyQueue, Limits, LocalBackend, QuotaEngine, Ticket
 from proxy.quota.fair import FairOrder, TicketState
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from tests.conftest import Recorder, ServerFactory, StartProxy, proxy_config, raw_url
@@ -468,7 +468,9 @@ def test_a_token_is_named_only_by_a_valid_name_and_a_real_token() -> None:
 
 
 def test_the_client_send_counter_is_bounded_in_series() -> None:
-    metrics = Metrics(list, lambda: "local")
+    clock = FakeClock()
+    engine = QuotaEngine(Limits(4.0, 10_000, 10_000, 0.025), LocalBackend(clock), clock)
+    metrics = Metrics(engine, lambda: "local")
     for i in range(CLIENT_SERIES + 5):
         metrics.count_client_sends(f"client-{i}", 2)
     metrics.count_client_sends("client-0", 1)  # a client with a series keeps it

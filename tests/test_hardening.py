@@ -7,6 +7,7 @@ what a recording upstream (and a trap server on another port) actually received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import aiohttp
 import pytest
@@ -28,7 +30,11 @@ from proxy import logs
 from proxy.app import make_app
 from proxy.cli import build_parser, main
 from proxy.config import Config, ConfigError
-from proxy.credentials import Injector, Secret, query_param_values, redact
+from proxy.credentials import Injector, Secret, fingerprint, query_param_values, redact
+from proxy.edge import limits
+from proxy.edge.fields import parse_wait_preference
+from proxy.edge.framing import MAX_HEAD_BYTES
+from proxy.edge.limits import BodyBudget
 from proxy.edge.server import (
     KEEPALIVE_TIMEOUT,
     MAX_HEADER_FIELD,
@@ -36,7 +42,9 @@ from proxy.edge.server import (
     MAX_REQUEST_TARGET,
     runner_options,
 )
+from proxy.errors import Unavailable
 from proxy.exchange import BODY_RATE_FLOOR
+from proxy.state import STATE
 from tests.conftest import (
     Recorder,
     ServerFactory,
@@ -85,6 +93,13 @@ def request_bytes(target: str, *headers: str, body: bytes = b"", method: str = "
     """One HTTP/1.1 request that asks the server to close after answering."""
     lines = [f"{method} {target} HTTP/1.1", "Host: proxy.test", *headers, "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer (head and Content-Length body), without waiting for the connection to close."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(parse(head)[1].get("content-length", "0"))
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
 
 
 def assert_no_secret(text: str | bytes) -> None:
@@ -582,6 +597,19 @@ SMUGGLED = b"GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         request_bytes(
             "/v2/a", AUTH, "Transfer-Encoding : chunked", body=b"0\r\n\r\n", method="POST"
         ),
+        # ... which llhttp reads as chunked: refused at the edge (framing.HeadGuard).
+        *(
+            request_bytes(
+                "/v2/a", AUTH, f"Transfer-Encoding: {value}", body=b"0\r\n\r\n", method="POST"
+            )
+            for value in ("identity, chunked", "gzip, chunked", "CHUNKED", "Chunked", "chunked ")
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding: chunked\t", body=b"0\r\n\r\n", method="POST"
+        ),
+        request_bytes(
+            "/v2/a", AUTH, "Transfer-Encoding:\tchunked ", body=b"0\r\n\r\n", method="POST"
+        ),
         # obs-fold, bare CR / LF and NUL inside header values, whitespace before the colon
         request_bytes("/v2/a", AUTH, "X-Folded: one\r\n two"),
         request_bytes("/v2/a", AUTH, "X-Bad: one\rHost: trap"),
@@ -606,6 +634,13 @@ SMUGGLED = b"GET /v2/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         "te-xchunked",
         "te-twice",
         "te-space-colon",
+        "te-identity-chunked",
+        "te-gzip-chunked",
+        "te-upper",
+        "te-capital",
+        "te-trailing-space",
+        "te-trailing-tab",
+        "te-tab-and-space",
         "obs-fold",
         "bare-cr",
         "bare-lf",
@@ -956,3 +991,566 @@ async def test_no_secret_escapes_a_full_scenario(
     assert any(e["event"] == "request_malformed" for e in events)
     for text in [*captured, log_text]:
         assert_no_secret(text)
+
+
+# -- hostile clients (issue 21) ------------------------------------------------------------
+
+
+@pytest.fixture
+async def reflector(start_server: ServerFactory) -> tuple[Recorder, URL]:
+    """An upstream that answers every request with the request itself, as TRACE does."""
+    rec = Recorder()
+
+    async def answer(request: web.Request, body: bytes) -> web.StreamResponse:
+        head = f"{request.method} {request.raw_path}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in request.headers.items()
+        )
+        return web.Response(body=head.encode() + body, content_type="message/http")
+
+    rec.answer = answer
+    server = await start_server(rec.app())
+    return rec, server.make_url("")
+
+
+@pytest.mark.parametrize("method", ["TRACE", "OPTIONS", "PROPFIND", "MKCOL", "LINK", "SEARCH"])
+@pytest.mark.parametrize("generation", ["v2", "v3"])
+async def test_methods_the_api_never_uses_are_405_and_never_forwarded(
+    method: str,
+    generation: str,
+    reflector: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = reflector
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    raw = await raw_exchange(
+        server.port, request_bytes(f"/{generation}/contacts", AUTH, method=method)
+    )
+    status, headers, body = parse(raw)
+    assert status == 405
+    assert headers["allow"] == "GET, HEAD, POST, PUT, PATCH, DELETE"
+    payload = json.loads(body)
+    entry = payload[0] if generation == "v2" else payload
+    assert entry["error_key"] == (
+        "http.status.method_not_allowed" if generation == "v2" else "method_not_allowed"
+    )
+    assert rec.seen == []
+    assert_no_secret(raw)
+    # The methods the API does use still go through, with the real credentials.
+    for allowed in ("GET", "POST", "PATCH", "DELETE"):
+        raw = await raw_exchange(
+            server.port, request_bytes(f"/{generation}/contacts", AUTH, method=allowed)
+        )
+        assert parse(raw)[0] == 200
+    assert [s.method for s in rec.seen] == ["GET", "POST", "PATCH", "DELETE"]
+    assert_clean_upstream_request(rec)
+
+
+@pytest.mark.parametrize(
+    "prefer",
+    [
+        "wait=\u00b2",  # a superscript two: str.isdigit() says yes, int() says no
+        "wait=\u0663",  # an Arabic-Indic three: int() would read 3
+        "wait=" + "9" * 5000,  # more digits than int() converts
+        'wait="' + "1" * 40 + '"',
+        "wait=-1",
+        "wait=1e3",
+    ],
+    ids=["superscript", "arabic-indic", "5000-digits", "quoted-40-digits", "negative", "exp"],
+)
+async def test_unreadable_wait_preferences_are_ignored_not_crashes(
+    prefer: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    captured_logs: StringIO,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    # UTF-8 on the wire, as a client would send "²" (aiohttp decodes field values as UTF-8).
+    data = request_bytes("/v3/contacts", AUTH, "Prefer: PREFER").replace(b"PREFER", prefer.encode())
+    status, headers, body = parse(await raw_exchange(server.port, data))
+    assert status == 200, body
+    assert "preference-applied" not in headers
+    assert len(rec.seen) == 1
+    assert '"request_crashed"' not in captured_logs.getvalue()
+
+
+def test_the_wait_preference_is_a_short_run_of_ascii_digits() -> None:
+    assert parse_wait_preference("wait=5") == 5
+    assert parse_wait_preference('respond-async, Wait = "12" ; x') == 12
+    assert parse_wait_preference("wait=999999999") == 999_999_999
+    assert parse_wait_preference("wait=1000000000") is None  # ten digits
+    assert parse_wait_preference("wait=\u00b2, wait=3") is None  # the first one counts
+    assert parse_wait_preference("wait=") is None
+    assert parse_wait_preference(None) is None
+
+
+def test_an_unresolvable_listen_address_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    argv = ["serve", "--host", "no-such-host.invalid", "--trust-network"]
+    try:
+        assert main([*argv, "--port", "0", "--state-dir", str(tmp_path)], {}) == 2
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("ctct-proxy: error: --host")
+    assert "no-such-host.invalid" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        ({"client_token": [",,,"]}, {}, "--client-token"),
+        ({"client_token": [""]}, {}, "--client-token"),
+        ({}, {"CTCT_PROXY_CLIENT_TOKENS": " , ,"}, "CTCT_PROXY_CLIENT_TOKENS"),
+        ({"host": "0.0.0.0"}, {"CTCT_PROXY_CLIENT_TOKENS": ","}, "CTCT_PROXY_CLIENT_TOKENS"),
+    ],
+)
+def test_a_client_token_list_naming_no_token_is_a_configuration_error(
+    flags: dict[str, Any], env: dict[str, str], named: str
+) -> None:
+    # Not "no tokens": a setting that looks like it closes the door must not leave it open.
+    with pytest.raises(ConfigError, match=f"^{named}: must name at least one token"):
+        Config.from_sources(flags, env)
+
+
+def assert_no_client_token_in_any_form(rec: Recorder) -> None:
+    """Neither client token reached the upstream: not as sent, decoded, or in another case."""
+    for seen in rec.seen:
+        text = seen.raw_path + "".join(f"{k}:{v}" for k, v in seen.header_list)
+        text += seen.body.decode("latin-1")
+        forms = {text, unquote(text), unquote(unquote(text)), unquote_plus(text)}
+        for form in forms:
+            for token in (CLIENT_TOKEN, OTHER_CLIENT_TOKEN):
+                assert token.lower() not in form.lower(), f"{token[:8]}... reached the upstream"
+
+
+def _upper_first(token: str) -> str:
+    return f"%{ord(token[0]):02X}{token[1:]}"
+
+
+@pytest.mark.parametrize(
+    ("target", "headers", "query_sent"),
+    [
+        # A client access_token next to the injected Bearer token: replaced, never appended.
+        ("/v3/contacts?access_token=stale-token&limit=1", (AUTH,), "limit=1"),
+        ("/v3/contacts?limit=1&access%5Ftoken=stale-token", (AUTH,), "limit=1"),
+        ("/v3/contacts?limit=1;access_token=stale-token", (AUTH,), "limit=1"),
+        (
+            f"/v2/lists?access_token=stale&api_key={CLIENT_TOKEN}&limit=1",
+            (),
+            f"limit=1&api_key={API_KEY}",
+        ),
+        # The client token in odd places of the query, next to a valid presentation.
+        (f"/v3/contacts?limit=1;x={CLIENT_TOKEN}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={CLIENT_TOKEN}%20", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={_upper_first(CLIENT_TOKEN)}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x=%2520{CLIENT_TOKEN}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x={OTHER_CLIENT_TOKEN.upper()}", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&{OTHER_CLIENT_TOKEN}=1", (AUTH,), "limit=1"),
+        (f"/v3/contacts?limit=1&x=a+{CLIENT_TOKEN}+b", (AUTH,), "limit=1"),
+        # ... and in headers the proxy forwards.
+        ("/v3/contacts?limit=1", (AUTH, f"X-Api-Token: {OTHER_CLIENT_TOKEN}"), "limit=1"),
+        ("/v3/contacts?limit=1", (AUTH, f"Cookie: t={CLIENT_TOKEN}"), "limit=1"),
+    ],
+)
+async def test_client_credentials_in_odd_forms_never_reach_the_upstream(
+    target: str,
+    headers: tuple[str, ...],
+    query_sent: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    status, _, body = parse(await raw_exchange(server.port, request_bytes(target, *headers)))
+    assert status == 200, body
+    [seen] = rec.seen
+    assert seen.raw_path.partition("?")[2] == query_sent
+    assert "stale" not in seen.raw_path
+    assert_clean_upstream_request(rec)
+    assert_no_client_token_in_any_form(rec)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        f"Token {CLIENT_TOKEN}",
+        f"Bearer\t{CLIENT_TOKEN}",
+        f"Bearer {CLIENT_TOKEN}, x",
+        f"bearer  {CLIENT_TOKEN.upper()}",
+        f"Basic {CLIENT_TOKEN}",
+        f"Bearer {CLIENT_TOKEN}%20",
+    ],
+)
+async def test_a_client_token_in_authorization_never_passes_through_in_any_scheme(
+    authorization: str,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    # Pass-through mode: the client's own Authorization travels, unless it holds a client token.
+    rec, upstream = recorder
+    config = proxy_config(tmp_path, upstream, client_token=(Secret(CLIENT_TOKEN),))
+    server, _ = await start_proxy(config)
+    admitted = f"Proxy-Authorization: Bearer {CLIENT_TOKEN}"
+    for target in ("/v3/contacts", "/v2/lists?api_key=own-key"):
+        data = request_bytes(target, admitted, f"Authorization: {authorization}")
+        assert parse(await raw_exchange(server.port, data))[0] == 200
+    assert [s.headers.get("Authorization") for s in rec.seen] == [None, None]
+    assert_no_client_token_in_any_form(rec)
+    # Its own credentials still pass.
+    data = request_bytes("/v3/contacts", admitted, "Authorization: Bearer own-token")
+    assert parse(await raw_exchange(server.port, data))[0] == 200
+    assert rec.seen[-1].headers["Authorization"] == "Bearer own-token"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/lists?limit=1#frag",
+        f"/v2/lists?limit=1#&api_key={CLIENT_TOKEN}",
+        "/v3/contacts#x",
+        "/v2/lists%23x?limit=1#",
+    ],
+)
+async def test_a_fragment_in_the_target_is_refused(
+    target: str, recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Upstream, a fragment would swallow the api_key the proxy appends to the query.
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    raw = await raw_exchange(
+        server.port, request_bytes(target, AUTH, f"Proxy-Authorization: Bearer {CLIENT_TOKEN}")
+    )
+    status, _, body = parse(raw)
+    assert status == 400, body
+    payload = json.loads(body)
+    entry = payload[0] if target.startswith("/v2/") else payload
+    assert "fragment" in entry["error_message"]
+    assert rec.seen == []
+    assert_no_secret(raw)
+
+
+async def test_one_api_key_in_any_spelling_is_one_queue_and_two_keys_are_refused(
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # Pass-through mode: the client's api_key names the queue its request waits in.
+    rec, upstream = recorder
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream))
+    spellings = [
+        "/v2/lists?api_key=own-key-1",
+        "/v2/lists?api%5Fkey=own-key-1",
+        "/v2/lists?api%5fkey=own%2Dkey%2D1",
+        "/v2/lists?x=1;api_key=own-key-1",
+        "/v2/lists?api_key=own-key-1&api%5Fkey=own-key-1",
+    ]
+    for target in spellings:
+        async with http.get(raw_url(proxy, target)) as resp:
+            assert resp.status == 200
+    async with http.get(proxy / "status") as resp:
+        keys = (await resp.json())["keys"]
+    assert [(k["key"], k["sent_today"]) for k in keys] == [
+        (fingerprint("own-key-1"), len(spellings))
+    ]
+    for target in (
+        "/v2/lists?api_key=own-key-1&api%5Fkey=own-key-2",
+        "/v2/lists?api_key=own-key-1;api_key=own-key-2",
+        "/v2/lists?api_key=&api_key=own-key-2",
+    ):
+        async with http.get(raw_url(proxy, target)) as resp:
+            assert resp.status == 400
+            assert "more than one api_key" in (await resp.json())[0]["error_message"]
+    assert len(rec.seen) == len(spellings)
+
+
+def _flood_headers(total: int) -> bytes:
+    """Header lines of about `total` bytes, each well under every per-header limit."""
+    line = b"X-Flood-%05d: " + b"f" * 4000 + b"\r\n"
+    return b"".join(line % i for i in range(total // len(line % 0) + 1))
+
+
+@pytest.mark.parametrize("writes", [1, 64])
+async def test_a_request_head_over_the_total_bound_is_431_before_it_ends(
+    writes: int, recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    # Each header is under max_field_size and there are fewer than max_headers: before the
+    # total bound, aiohttp's parser held all of them (~780 KB) for as long as the client liked.
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    head = b"GET /v2/lists HTTP/1.1\r\nHost: x\r\n" + _flood_headers(300 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    step = -(-len(head) // writes)
+    for i in range(0, len(head), step):  # never the blank line that would end the head
+        writer.write(head[i : i + step])
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+    writer.close()
+    status, headers, body = parse(answer)
+    assert headers["content-type"].startswith("application/json")
+    assert status == 431
+    [entry] = json.loads(body)
+    assert entry["error_key"] == "http.status.request_header_fields_too_large"
+    assert f"{MAX_HEAD_BYTES} bytes" in entry["error_message"]
+    assert rec.seen == []
+
+
+async def test_the_head_bound_counts_each_request_on_a_connection_from_its_first_byte(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream, max_body=1024 * 1024))
+    near = b"X-Near: " + b"n" * 7000 + b"\r\n"
+    big_head = b"X-Pad: 1\r\n" + near * ((MAX_HEAD_BYTES - 1024) // len(near))
+    body = b"\r\n\r\n" * (100 * 1024)  # a body full of blank lines is still a body
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+    def request(method: str, extra: bytes, content: bytes = b"") -> bytes:
+        return f"{method} /v2/a HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode() + extra + content
+
+    # Keep-alive and pipelined: bodies far over the head bound, heads just under it, in
+    # one write; none of it may count against the next head.
+    data = b"".join(
+        [
+            request("POST", big_head + f"Content-Length: {len(body)}\r\n\r\n".encode(), body),
+            request("PUT", big_head + b"Transfer-Encoding: chunked\r\n\r\n", chunked),
+            request("GET", big_head + b"\r\n"),
+            request("GET", big_head + b"Connection: close\r\n\r\n"),
+        ]
+    )
+    raw = await raw_exchange(server.port, data, timeout=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", raw) == [b"200"] * 4
+    assert [(s.method, len(s.body)) for s in rec.seen] == [
+        ("POST", len(body)),
+        ("PUT", len(body)),
+        ("GET", 0),
+        ("GET", 0),
+    ]
+    # The same requests pipelined behind a head over the bound: answered up to it.
+    data = request("GET", b"\r\n") + request("GET", _flood_headers(MAX_HEAD_BYTES))
+    raw = await raw_exchange(server.port, data)
+    assert re.findall(rb"HTTP/1\.[01] (\d{3}) ", raw) == [b"200", b"431"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        request_bytes("/v3/contacts", AUTH).replace(b"Connection: close\r\n", b""),
+        request_bytes("/v2/lists", AUTH, "Content-Length: 5", body=b"hello", method="POST"),
+        request_bytes("/v2/lists", AUTH, "Transfer-Encoding: chunked", method="PUT")
+        + b"5\r\nhello\r\n0\r\n\r\n",
+        request_bytes("/v2/lists", AUTH).replace(b"HTTP/1.1", b"HTTP/1.0"),
+    ],
+    ids=["get", "post", "chunked", "http-1.0"],
+)
+async def test_a_client_that_shuts_its_sending_side_is_still_answered(
+    data: bytes, start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()  # the client's end-of-stream arrives while the proxy works
+        return web.json_response({"ok": True})
+
+    rec.answer = slow
+    upstream = await start_server(rec.app())
+    server, _ = await start_proxy(guarded(tmp_path, upstream.make_url("")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()  # shutdown(SHUT_WR): "that is all I am sending"
+    for _ in range(100):
+        if rec.seen:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    # An HTTP/1.1 client may first get an interim 102 (how a client that left is noticed).
+    final = re.sub(rb"^(HTTP/1\.1 1\d\d [^\r]*\r\n\r\n)*", b"", answer)
+    assert parse(final)[0] == 200, answer[:200]
+    assert len(rec.seen) == 1
+    if b"HTTP/1.0" in data:
+        assert not answer.startswith(b"HTTP/1.1 102")
+    assert rec.seen[0].body in (b"", b"hello")
+
+
+async def test_a_client_that_closes_while_queued_still_gives_up_its_place(
+    recorder: tuple[Recorder, URL], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec, upstream = recorder
+    # Two sends a second: the second request waits about half a second for its turn.
+    server, _ = await start_proxy(guarded(tmp_path, upstream, qps=2.0))
+    first = await raw_exchange(server.port, request_bytes("/v2/lists", AUTH))
+    assert parse(first)[0] == 200
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes("/v2/lists?second=1", AUTH))
+    await writer.drain()
+    writer.close()  # gone altogether, not half-closed
+    await asyncio.sleep(0.8)
+    assert [s.raw_path.partition("?")[0] for s in rec.seen] == ["/v2/lists"]
+    assert "second=1" not in "".join(s.raw_path for s in rec.seen)
+
+
+async def test_body_memory_across_requests_is_bounded_503_before_reading_the_body(
+    start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()  # keeps the proxy holding the bodies it sent
+        return web.json_response({"ok": True})
+
+    rec.answer = slow
+    upstream = await start_server(rec.app())
+    config = guarded(tmp_path, upstream.make_url(""), max_body=1000, max_body_memory=2500)
+    server, _ = await start_proxy(config)
+    bodies = server.app[STATE].bodies
+
+    async def post(data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(data)
+        await writer.drain()
+        return reader, writer
+
+    held = [
+        await post(
+            request_bytes("/v2/a", AUTH, "Content-Length: 1000", body=b"a" * 1000, method="POST")
+        )
+        for _ in range(2)
+    ]
+    for _ in range(200):
+        if len(rec.seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert bodies.held == 2000
+    # Declared too big for what is left: refused before a byte of the body is sent.
+    reader, writer = await post(request_bytes("/v3/a", AUTH, "Content-Length: 600", method="POST"))
+    status, headers, body = parse(await read_answer(reader))
+    writer.close()
+    assert status == 503
+    assert headers["retry-after"] == "1"
+    assert json.loads(body)["error_key"] == "service_unavailable"
+    # Chunked: refused when the chunk that would cross the bound arrives.
+    chunked = b"".join(b"64\r\n" + b"c" * 100 + b"\r\n" for _ in range(6)) + b"0\r\n\r\n"
+    reader, writer = await post(
+        request_bytes("/v2/a", AUTH, "Transfer-Encoding: chunked", body=chunked, method="POST")
+    )
+    status, headers, _ = parse(await read_answer(reader))
+    writer.close()
+    assert (status, headers["retry-after"]) == (503, "1")
+    assert len(rec.seen) == 2
+    assert bodies.held == 2000
+    # Answered: their bodies are let go, and a body fits again.
+    release.set()
+    for reader, writer in held:
+        assert parse(await read_answer(reader))[0] == 200
+        writer.close()
+    assert bodies.held == 0
+    raw = await raw_exchange(
+        server.port,
+        request_bytes("/v2/a", AUTH, "Content-Length: 1000", body=b"b" * 1000, method="POST"),
+    )
+    assert parse(raw)[0] == 200
+    assert bodies.held == 0
+    assert bodies.peak == 2000
+
+
+def test_a_body_hold_reserves_declared_lengths_grows_with_chunks_and_releases_once() -> None:
+    budget = BodyBudget(100)
+    with budget.hold() as first:
+        first.reserve(60)
+        first.take(30)  # within what was reserved
+        assert budget.held == 60
+        second = budget.hold()
+        second.take(40)
+        assert budget.held == 100
+        with pytest.raises(Unavailable) as refused:
+            second.take(1)
+        assert refused.value.status == 503
+        assert refused.value.headers() == {"Retry-After": "1"}
+        second.release()
+        second.release()
+        assert budget.held == 60
+    assert budget.held == 0
+    assert budget.peak == 100
+
+
+def test_max_body_memory_below_max_body_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match=r"^--max-body-memory: must be at least --max-body"):
+        Config.from_sources({"max_body": "2000", "max_body_memory": "1000"}, {})
+    env = {"CTCT_PROXY_MAX_BODY_MEMORY": str(32 * 1024 * 1024)}
+    assert Config.from_sources({}, env).max_body_memory == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+@pytest.mark.parametrize(
+    ("encoding", "status"),
+    [
+        ("chunked", 200),
+        ("chunked ", 400),
+        ("CHUNKED", 400),
+        ("gzip, chunked", 400),
+        (" " * 80 + "chunked", 200),  # leading whitespace is not part of a value
+        ("x" * 80 + ", chunked", 400),
+    ],
+)
+async def test_transfer_encoding_is_checked_however_the_head_is_cut_into_reads(
+    piece: int,
+    encoding: str,
+    status: int,
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    rec, upstream = recorder
+    server, _ = await start_proxy(guarded(tmp_path, upstream))
+    data = request_bytes(
+        "/v2/a", AUTH, f"Transfer-Encoding: {encoding}", body=b"2\r\nok\r\n0\r\n\r\n", method="POST"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for i in range(0, len(data), piece):
+        writer.write(data[i : i + piece])
+        await writer.drain()
+    answer = await read_answer(reader)
+    writer.close()
+    assert parse(answer)[0] == status
+    assert [s.body for s in rec.seen] == ([b"ok"] if status == 200 else [])
+
+
+async def test_freed_memory_is_given_back_periodically_where_the_allocator_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On glibc (the image's libc) both allocator settings take; elsewhere they are skipped.
+    assert limits._libc() is not None
+    assert limits.hold_mmap_threshold() is True
+    trims: list[int] = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(limits, "_libc", FakeLibc)
+    task = asyncio.create_task(limits.give_back_freed_memory(interval=0.001))
+    for _ in range(200):
+        if len(trims) >= 3:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    assert trims[:3] == [0, 0, 0]
+    monkeypatch.setattr(limits, "_libc", lambda: None)
+    await asyncio.wait_for(limits.give_back_freed_memory(interval=0.001), 1)  # returns at once

@@ -34,6 +34,7 @@ from yarl import URL
 from proxy import logs
 from proxy.config import Config
 from proxy.credentials import Secret, fingerprint
+from proxy.metrics import OTHER, TOP_KEYS
 from proxy.simulator import SimulatorConfig, make_simulator_app
 from tests.conftest import Recorder, ServerFactory, StartProxy, proxy_config, raw_url
 from tests.redis_server import RedisServer
@@ -496,6 +497,34 @@ async def test_metrics_move_as_requests_flow_and_hold_no_secret(
     assert value(found, "ctct_proxy_spacing_seconds", key=KEY_FP) > config.spacing
     assert value(found, "ctct_proxy_paused", key=KEY_FP) == 0
     assert value(found, "ctct_proxy_shared_mode", mode="shared") == 0
+
+
+async def test_per_key_series_are_bounded_to_the_busiest_keys_plus_one_aggregate(
+    recorder: tuple[Recorder, URL],
+    start_proxy: StartProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    # Pass-through mode: every api_key a client sends is a key of its own.
+    _, upstream = recorder
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream))
+    keys = [f"pass-key-{i:03d}" for i in range(TOP_KEYS + 30)]
+    busiest = keys[-1]
+    for key in [*keys, busiest, busiest]:
+        async with http.get(raw_url(proxy, f"/v2/lists?api_key={key}")) as resp:
+            assert resp.status == 200
+    text, found = await scrape(http, proxy)
+    per_key = {dict(labels)["key"] for (name, labels) in found if name == "ctct_proxy_daily_used"}
+    assert len(per_key) == TOP_KEYS + 1
+    assert fingerprint(busiest) in per_key
+    assert OTHER in per_key
+    assert value(found, "ctct_proxy_keys") == len(keys)
+    assert value(found, "ctct_proxy_daily_used", key=fingerprint(busiest)) == 3
+    shown = sum(v for (name, labels), v in found.items() if name == "ctct_proxy_daily_used")
+    assert shown == len(keys) + 2  # every send counted once: per key or in "other"
+    assert value(found, "ctct_proxy_queue_depth", key=OTHER) == 0
+    assert value(found, "ctct_proxy_paused", key=OTHER) == 0
+    assert "pass-key" not in text
 
 
 async def test_a_daily_quota_error_pauses_the_key_and_shows_in_metrics(

@@ -11,8 +11,9 @@ import ast
 import asyncio
 import re
 import signal
+import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -22,6 +23,8 @@ from aiohttp.web_request import BaseRequest
 from proxy.app import make_app
 from proxy.config import Config
 from proxy.credentials import redact
+from proxy.edge.framing import HeadGuard, HeadTooLarge
+from proxy.edge.limits import give_back_freed_memory, hold_mmap_threshold
 from proxy.logs import get_logger
 from proxy.upstream_errors import Generation, cc_error_body
 
@@ -38,6 +41,11 @@ MAX_HEADERS = 100
 # aiohttp has no header-read timeout: its keep-alive timer, started when a connection opens
 # and after each answer, also drops a client still trickling its request line and headers.
 KEEPALIVE_TIMEOUT = 75.0
+# How much of a request body aiohttp buffers per connection before it stops reading from
+# the socket (it stops at twice this). aiohttp 3.14's default is 256 KiB: 150 clients
+# streaming bodies the proxy refuses or has not started to read then held ~120 MB of
+# buffers; at 64 KiB, ~50 MB (bench/attack.py).
+READ_BUFFER = 64 * 1024
 
 
 def runner_options() -> dict[str, Any]:
@@ -50,6 +58,7 @@ def runner_options() -> dict[str, Any]:
         "max_field_size": MAX_HEADER_FIELD,
         "max_headers": MAX_HEADERS,
         "keepalive_timeout": KEEPALIVE_TIMEOUT,
+        "read_bufsize": READ_BUFFER,
     }
 
 
@@ -62,7 +71,10 @@ def _malformed_answer(status: int, exc: BaseException | None) -> web.Response:
     default, being what v2 sends for every error and v3 for some of its own.
     """
     generation = request_line(exc)[0]
-    if isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
+    if isinstance(exc, HeadTooLarge):
+        status, keys = 431, _HEADERS_TOO_LARGE
+        text = f"The request line and headers are longer than {exc.limit} bytes together."
+    elif isinstance(exc, LineTooLong) and len(exc.args) > 1 and exc.args[1] == MAX_HEADER_FIELD:
         status, keys = 431, _HEADERS_TOO_LARGE
         text = f"A request header is longer than {MAX_HEADER_FIELD} bytes."
     elif isinstance(exc, LineTooLong):
@@ -120,10 +132,75 @@ def request_line(exc: BaseException | None) -> tuple[Generation, HttpVersion]:
 _QUOTED = re.compile(r"(?:^|\s)(?:b['\"]|bytearray\(|['\"](?![A-Za-z0-9-]{1,40}['\"]))")
 
 
-class _EdgeProtocol(RequestHandler):
-    """aiohttp's connection handler, answering what never reaches the middleware in CC's shape."""
+# How often a half-closed connection is checked for its client having gone altogether.
+HALF_CLOSED_CHECK = 0.05
+# An interim answer every HTTP/1.1 client must accept and may ignore (RFC 9110 §15.2): sent
+# to a half-closed client so that, if it has in fact closed its socket, its kernel answers
+# with a reset the proxy can see.
+_STILL_WORKING = b"HTTP/1.1 102 Processing\r\n\r\n"
 
-    __slots__ = ()
+
+class _EdgeProtocol(RequestHandler):
+    """aiohttp's connection handler with the proxy's edge rules.
+
+    It answers what never reaches the middleware in CC's shape, bounds each request head
+    (`framing.HeadGuard`), and answers a client that shut only its sending side.
+    """
+
+    __slots__ = ("_guard", "_half_closed", "_probed")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = HeadGuard(self._parser, self)
+        self._parser = cast(Any, self._guard)
+        self._half_closed: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._probed = False
+
+    # aiohttp declares None; asyncio's Protocol allows True (keep the sending side open).
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client sent its last byte: answer what it asked for, unless nothing is owed.
+
+        A client may shut its sending side once its request is out and still read the
+        answer; one that closed its socket altogether looks the same here until a write
+        draws a reset from its end (`_check_half_closed`), and then gives up its place.
+        """
+        nothing_owed = self._request_count == 0 or (self._waiter is not None and not self._messages)
+        if nothing_owed or not self._guard.reading_head:
+            return None  # idle, or a request that can no longer arrive whole: close now
+        self.close()  # nothing can follow: close once the answers are out
+        self._half_closed = self._loop.call_soon(self._check_half_closed)
+        return True
+
+    def _check_half_closed(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            # The client's end reset the connection: it is gone, the request is abandoned.
+            transport.abort()
+            return
+        request = self._current_request
+        if (
+            not self._probed
+            and request is not None
+            and request.version >= HttpVersion11
+            and not _answer_started(request)
+        ):
+            self._probed = True
+            transport.write(_STILL_WORKING)
+            self._half_closed = self._loop.call_soon(self._check_half_closed)
+            return
+        self._half_closed = self._loop.call_later(HALF_CLOSED_CHECK, self._check_half_closed)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._half_closed is not None:
+            self._half_closed.cancel()
+            self._half_closed = None
+        super().connection_lost(exc)
+        # Without this the guard, the parser (and the head it holds) and this protocol
+        # form a cycle that only the garbage collector's rarest pass would free.
+        self._guard.close()
 
     def handle_error(
         self,
@@ -156,6 +233,16 @@ def _answer_in(request: BaseRequest, version: HttpVersion) -> None:
     request._version = version
 
 
+def _answer_started(request: BaseRequest) -> bool:
+    writer = request.writer
+    # aiohttp buffers a prepared answer's status line and headers until its first body write.
+    return (
+        writer.output_size > 0
+        or getattr(writer, "_headers_written", False)
+        or getattr(writer, "_headers_buf", None) is not None
+    )
+
+
 class _EdgeServer(web.Server):
     def __call__(self) -> RequestHandler:
         return _EdgeProtocol(self, loop=self._loop, **self._kwargs)
@@ -169,6 +256,14 @@ class ProxyRunner(web.AppRunner):
         # Same server, same settings; only the per-connection protocol class differs.
         server.__class__ = _EdgeServer
         return server
+
+
+class CannotListen(Exception):
+    """The address to listen on does not resolve, is not local, or is taken."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        reason = cause.strerror or type(cause).__name__
+        super().__init__(f"cannot listen on {host} port {port}: {reason}")
 
 
 async def serve(config: Config, ready: Callable[[str, int], None] | None = None) -> None:
@@ -194,23 +289,35 @@ async def run_until_stopped(
     ready: Callable[[str, int], None],
 ) -> None:
     """Serve an app until SIGTERM or SIGINT: stop accepting, let handlers finish, clean up."""
+    loop = asyncio.get_running_loop()
+    try:
+        # Before the app starts: a name that does not resolve is a configuration error.
+        await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise CannotListen(host, port, exc) from None
     runner = ProxyRunner(app, shutdown_timeout=shutdown_timeout, **runner_options())
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
     except BaseException:
         # Close exactly the resources that had started before the failure.
         await runner.cleanup()
         raise
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:  # socket.gaierror included: a host name that does not resolve
+        await runner.cleanup()
+        raise CannotListen(host, port, exc) from None
     ready(host, _bound_port(runner) or port)
+    hold_mmap_threshold()
+    trimmer = loop.create_task(give_back_freed_memory())
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        trimmer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
