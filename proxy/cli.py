@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from proxy.simulator import make_simulator_app, simulator_config_from_args
 
         try:
-            sim_config = simulator_config_from_args(args)
+            sim_config = simulator_config_from_args(args, env)
         except ValueError as error:
             print(f"ctct-proxy: error: {error}", file=sys.stderr)
             return EXIT_CONFIG

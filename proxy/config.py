@@ -1,7 +1,9 @@
-"""The proxy's configuration: one table of settings, one frozen value built from it.
+"""The proxy's configuration: each setting declared once, on the frozen `Config` value.
 
-Every setting has a flag and an environment twin; flags win over the environment, the
-environment over defaults. The table also feeds the CLI's help and the README's table.
+A field declared with `setting(default, env, parser, help)` is a setting: its flag is its
+name (`--max-wait`), its environment twin `env`; flags win over the environment, the
+environment over the field's default. `SETTINGS` (derived from the fields) feeds the
+argument parser, the environment reading, `login`'s shared flags and the README's table.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from yarl import URL
 
@@ -193,7 +195,8 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """Parse true/false, yes/no, on/off, 1/0 (ValueError says what it must be)."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off", ""):
@@ -203,13 +206,18 @@ def _bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the settings table: field, flag, environment twin, default and parser."""
+    """How a `Config` field is set: flag, environment twin, parser and help.
+
+    Declared once, on the field itself (`setting(...)`); `SETTINGS` lists them in field order
+    with their names and defaults filled in, and the argument parser, the environment reading
+    and the README's table are all made from it.
+    """
 
     name: str
     env: str
     parse: Callable[[str], Any]
     help: str
-    default: str | None = None
+    default: str | None = None  # the field's default as shown in help and the README
     repeatable: bool = False
     is_flag: bool = False
     # Variables other programs read for the same thing, consulted after `env` (first wins).
@@ -223,219 +231,37 @@ class Setting:
         return self.switch or "--" + self.name.replace("_", "-")
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "CTCT_PROXY_HOST", str, "address to listen on", DEFAULT_HOST),
-    Setting(
-        "port",
-        "CTCT_PROXY_PORT",
-        port_number,
-        "port (0 = pick a free one and log it)",
-        str(DEFAULT_PORT),
-    ),
-    Setting(
-        "api_key", "CTCT_API_KEY", _secret, "v2 API key to inject (also names the v3 quota bucket)"
-    ),
-    Setting("access_token", "CTCT_ACCESS_TOKEN", _secret, "access token to inject"),
-    Setting(
-        "upstream_v2",
-        "CTCT_PROXY_UPSTREAM_V2",
-        _http_url,
-        "where /v2/... goes",
-        DEFAULT_UPSTREAM_V2,
-    ),
-    Setting(
-        "upstream_v3",
-        "CTCT_PROXY_UPSTREAM_V3",
-        _http_url,
-        "where /v3/... goes",
-        DEFAULT_UPSTREAM_V3,
-    ),
-    Setting(
-        "qps", "CTCT_PROXY_QPS", positive_float, "per-key requests per second", str(DEFAULT_QPS)
-    ),
-    Setting(
-        "daily_quota",
-        "CTCT_PROXY_DAILY_QUOTA",
-        _positive_int,
-        "per-key requests per UTC day",
-        str(DEFAULT_DAILY_QUOTA),
-    ),
-    Setting(
-        "max_wait",
-        "CTCT_PROXY_MAX_WAIT",
-        positive_float,
-        "longest a request may wait in the queue, seconds",
-        str(DEFAULT_MAX_WAIT),
-    ),
-    Setting(
-        "max_queue",
-        "CTCT_PROXY_MAX_QUEUE",
-        _positive_int,
-        "most requests queued per key; beyond it 429 at once",
-        str(DEFAULT_MAX_QUEUE),
-    ),
-    Setting(
-        "pacing_margin",
-        "CTCT_PROXY_PACING_MARGIN",
-        _non_negative_float,
-        "seconds added to each one-second window to absorb network jitter",
-        str(DEFAULT_PACING_MARGIN),
-    ),
-    Setting(
-        "max_body",
-        "CTCT_PROXY_MAX_BODY",
-        _positive_int,
-        "largest request body in bytes (kept for replays); larger answers 413",
-        str(DEFAULT_MAX_BODY),
-    ),
-    Setting(
-        "max_body_memory",
-        "CTCT_PROXY_MAX_BODY_MEMORY",
-        _positive_int,
-        "request body bytes held at once across all requests; beyond it 503 + Retry-After",
-        str(DEFAULT_MAX_BODY_MEMORY),
-    ),
-    Setting(
-        "body_timeout",
-        "CTCT_PROXY_BODY_TIMEOUT",
-        positive_float,
-        "seconds a client gets to send a request body, plus 1 per 16 KiB; slower answers 408",
-        str(DEFAULT_BODY_TIMEOUT),
-    ),
-    Setting(
-        "connect_timeout",
-        "CTCT_PROXY_CONNECT_TIMEOUT",
-        positive_float,
-        "seconds to connect to the upstream (then 502)",
-        str(DEFAULT_CONNECT_TIMEOUT),
-    ),
-    Setting(
-        "upstream_timeout",
-        "CTCT_PROXY_UPSTREAM_TIMEOUT",
-        positive_float,
-        "seconds to wait for upstream data (then 504)",
-        str(DEFAULT_UPSTREAM_TIMEOUT),
-    ),
-    Setting(
-        "v2_reset_hour",
-        "CTCT_PROXY_V2_RESET_HOUR",
-        _hour,
-        "UTC hour at which a v2 daily-quota pause ends",
-        "0",
-    ),
-    Setting(
-        "redis_url",
-        "CTCT_PROXY_REDIS_URL",
-        _redis_url,
-        "share quotas between replicas through this Redis",
-    ),
-    Setting(
-        "replicas",
-        "CTCT_PROXY_REPLICAS",
-        _positive_int,
-        "replicas sharing a key, for the fallback rate when Redis is away",
-        str(DEFAULT_REPLICAS),
-    ),
-    Setting(
-        "state_dir",
-        "CTCT_PROXY_STATE_DIR",
-        Path,
-        "where counters and tokens survive restarts (default: a per-user data dir)",
-    ),
-    Setting(
-        "log_format",
-        "CTCT_PROXY_LOG_FORMAT",
-        _log_format,
-        "console or json (default: console on a TTY, else json)",
-    ),
-    Setting(
-        "log_level", "CTCT_PROXY_LOG_LEVEL", _log_level, "debug, info, warning or error", "info"
-    ),
-    Setting(
-        "shutdown_grace",
-        "CTCT_PROXY_SHUTDOWN_GRACE",
-        _non_negative_float,
-        "seconds in-flight requests get to finish on SIGTERM",
-        str(DEFAULT_SHUTDOWN_GRACE),
-    ),
-    Setting(
-        "client_token",
-        "CTCT_PROXY_CLIENT_TOKENS",
-        _client_tokens,
-        "token a client must present; name=token names its client (repeatable; env: "
-        "comma-separated)",
-        repeatable=True,
-    ),
-    Setting(
-        "key_name",
-        "CTCT_PROXY_KEY_NAMES",
-        _key_names,
-        "a name for --api-key on the dashboard, or FINGERPRINT=NAME for any key "
-        "(repeatable; env: comma-separated)",
-        repeatable=True,
-    ),
-    Setting(
-        "trust_network",
-        "CTCT_PROXY_TRUST_NETWORK",
-        _bool,
-        "allow listening beyond loopback without client tokens",
-        "false",
-        is_flag=True,
-    ),
-    Setting(
-        "coalesce",
-        "CTCT_PROXY_COALESCE",
-        _bool,
-        "identical concurrent GET/HEAD requests each get their own send (default: they share one)",
-        "true",
-        is_flag=True,
-        switch="--no-coalesce",
-        switch_value="false",
-    ),
-    Setting(
-        "cache_ttl",
-        "CTCT_PROXY_CACHE_TTL",
-        _non_negative_float,
-        "seconds a successful GET answer may be reused (0 = no cache)",
-        str(DEFAULT_CACHE_TTL),
-    ),
-    Setting(
-        "cache_max_bytes",
-        "CTCT_PROXY_CACHE_MAX_BYTES",
-        _positive_int,
-        "most bytes of answers the cache keeps; least recently used go first",
-        str(DEFAULT_CACHE_MAX_BYTES),
-    ),
-    Setting(
-        "client_id",
-        "CTCT_CLIENT_ID",
-        _secret,
-        "v3 OAuth client id (for refreshing the access token)",
-    ),
-    Setting(
-        "client_secret",
-        "CTCT_CLIENT_SECRET",
-        _secret,
-        "v3 OAuth client secret (absent for PKCE apps)",
-    ),
-    Setting("refresh_token", "CTCT_REFRESH_TOKEN", _secret, "v3 OAuth refresh token"),
-    Setting(
-        "token_url", "CTCT_PROXY_TOKEN_URL", _http_url, "OAuth token endpoint", DEFAULT_TOKEN_URL
-    ),
-    Setting(
-        "ca_bundle",
-        "CTCT_PROXY_CA_BUNDLE",
-        _ca_bundle,
-        "CA file for the upstream and token endpoint (replaces the system trust)",
-        also_env=("SSL_CERT_FILE",),
-    ),
-    Setting(
-        "egress_proxy",
-        "CTCT_PROXY_EGRESS_PROXY",
-        _proxy_url,
-        "forward proxy for outbound calls (wins over HTTPS_PROXY / HTTP_PROXY; NO_PROXY applies)",
-    ),
-)
+_T = TypeVar("_T")
+
+
+def setting(
+    default: _T,
+    env: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    repeatable: bool = False,
+    is_flag: bool = False,
+    also_env: tuple[str, ...] = (),
+    switch: str | None = None,
+    switch_value: str = "true",
+    repr: bool = True,
+) -> _T:
+    """Declare a dataclass field as a setting: its default, environment twin, parser and help.
+
+    `Config`, `login`'s options and the simulator's config declare their settings this way.
+    """
+    row = Setting("", env, parse, help, None, repeatable, is_flag, also_env, switch, switch_value)
+    return field(default=default, repr=repr, metadata={"setting": row})
+
+
+def _shown(default: object) -> str | None:
+    if default is None or default == ():
+        return None
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
 
 # The conventional proxy variables (curl, urllib, requests): lower case wins over upper case.
 PROXY_VARIABLES = ("https_proxy", "http_proxy", "no_proxy")
@@ -494,41 +320,176 @@ def _is_loopback(host: str) -> bool:
 class Config:
     """The proxy's settings, validated once at start-up and passed to whatever needs them."""
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    api_key: Secret | None = None
-    access_token: Secret | None = None
-    upstream_v2: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM_V2))
-    upstream_v3: URL = field(default_factory=lambda: URL(DEFAULT_UPSTREAM_V3))
-    qps: float = DEFAULT_QPS
-    daily_quota: int = DEFAULT_DAILY_QUOTA
-    max_wait: float = DEFAULT_MAX_WAIT
-    max_queue: int = DEFAULT_MAX_QUEUE
-    pacing_margin: float = DEFAULT_PACING_MARGIN
-    max_body: int = DEFAULT_MAX_BODY
-    max_body_memory: int = DEFAULT_MAX_BODY_MEMORY
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
-    v2_reset_hour: int = 0
-    redis_url: Secret | None = None
-    replicas: int = DEFAULT_REPLICAS
-    state_dir: Path | None = None
-    log_format: LogFormat | None = None
-    log_level: str = "info"
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
-    client_token: tuple[Secret, ...] = ()
-    key_name: tuple[str, ...] = ()
-    trust_network: bool = False
-    coalesce: bool = True
-    cache_ttl: float = DEFAULT_CACHE_TTL
-    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
-    client_id: Secret | None = None
-    client_secret: Secret | None = None
-    refresh_token: Secret | None = None
-    token_url: URL = field(default_factory=lambda: URL(DEFAULT_TOKEN_URL))
-    ca_bundle: Path | None = None
-    egress_proxy: SecretURL | None = None
+    host: str = setting(DEFAULT_HOST, "CTCT_PROXY_HOST", str, "address to listen on")
+    port: int = setting(
+        DEFAULT_PORT, "CTCT_PROXY_PORT", port_number, "port (0 = pick a free one and log it)"
+    )
+    api_key: Secret | None = setting(
+        None, "CTCT_API_KEY", _secret, "v2 API key to inject (also names the v3 quota bucket)"
+    )
+    access_token: Secret | None = setting(
+        None, "CTCT_ACCESS_TOKEN", _secret, "access token to inject"
+    )
+    upstream_v2: URL = setting(
+        URL(DEFAULT_UPSTREAM_V2), "CTCT_PROXY_UPSTREAM_V2", _http_url, "where /v2/... goes"
+    )
+    upstream_v3: URL = setting(
+        URL(DEFAULT_UPSTREAM_V3), "CTCT_PROXY_UPSTREAM_V3", _http_url, "where /v3/... goes"
+    )
+    qps: float = setting(
+        DEFAULT_QPS, "CTCT_PROXY_QPS", positive_float, "per-key requests per second"
+    )
+    daily_quota: int = setting(
+        DEFAULT_DAILY_QUOTA, "CTCT_PROXY_DAILY_QUOTA", _positive_int, "per-key requests per UTC day"
+    )
+    max_wait: float = setting(
+        DEFAULT_MAX_WAIT,
+        "CTCT_PROXY_MAX_WAIT",
+        positive_float,
+        "longest a request may wait in the queue, seconds",
+    )
+    max_queue: int = setting(
+        DEFAULT_MAX_QUEUE,
+        "CTCT_PROXY_MAX_QUEUE",
+        _positive_int,
+        "most requests queued per key; beyond it 429 at once",
+    )
+    pacing_margin: float = setting(
+        DEFAULT_PACING_MARGIN,
+        "CTCT_PROXY_PACING_MARGIN",
+        _non_negative_float,
+        "seconds added to each one-second window to absorb network jitter",
+    )
+    max_body: int = setting(
+        DEFAULT_MAX_BODY,
+        "CTCT_PROXY_MAX_BODY",
+        _positive_int,
+        "largest request body in bytes (kept for replays); larger answers 413",
+    )
+    max_body_memory: int = setting(
+        DEFAULT_MAX_BODY_MEMORY,
+        "CTCT_PROXY_MAX_BODY_MEMORY",
+        _positive_int,
+        "request body bytes held at once across all requests; beyond it 503 + Retry-After",
+    )
+    body_timeout: float = setting(
+        DEFAULT_BODY_TIMEOUT,
+        "CTCT_PROXY_BODY_TIMEOUT",
+        positive_float,
+        "seconds a client gets to send a request body, plus 1 per 16 KiB; slower answers 408",
+    )
+    connect_timeout: float = setting(
+        DEFAULT_CONNECT_TIMEOUT,
+        "CTCT_PROXY_CONNECT_TIMEOUT",
+        positive_float,
+        "seconds to connect to the upstream (then 502)",
+    )
+    upstream_timeout: float = setting(
+        DEFAULT_UPSTREAM_TIMEOUT,
+        "CTCT_PROXY_UPSTREAM_TIMEOUT",
+        positive_float,
+        "seconds to wait for upstream data (then 504)",
+    )
+    v2_reset_hour: int = setting(
+        0, "CTCT_PROXY_V2_RESET_HOUR", _hour, "UTC hour at which a v2 daily-quota pause ends"
+    )
+    redis_url: Secret | None = setting(
+        None, "CTCT_PROXY_REDIS_URL", _redis_url, "share quotas between replicas through this Redis"
+    )
+    replicas: int = setting(
+        DEFAULT_REPLICAS,
+        "CTCT_PROXY_REPLICAS",
+        _positive_int,
+        "replicas sharing a key, for the fallback rate when Redis is away",
+    )
+    state_dir: Path | None = setting(
+        None,
+        "CTCT_PROXY_STATE_DIR",
+        Path,
+        "where counters and tokens survive restarts (default: a per-user data dir)",
+    )
+    log_format: LogFormat | None = setting(
+        None,
+        "CTCT_PROXY_LOG_FORMAT",
+        _log_format,
+        "console or json (default: console on a TTY, else json)",
+    )
+    log_level: str = setting(
+        "info", "CTCT_PROXY_LOG_LEVEL", _log_level, "debug, info, warning or error"
+    )
+    shutdown_grace: float = setting(
+        DEFAULT_SHUTDOWN_GRACE,
+        "CTCT_PROXY_SHUTDOWN_GRACE",
+        _non_negative_float,
+        "seconds in-flight requests get to finish on SIGTERM",
+    )
+    client_token: tuple[Secret, ...] = setting(
+        (),
+        "CTCT_PROXY_CLIENT_TOKENS",
+        _client_tokens,
+        "token a client must present; name=token names its client (repeatable; env: comma-separated)",
+        repeatable=True,
+    )
+    key_name: tuple[str, ...] = setting(
+        (),
+        "CTCT_PROXY_KEY_NAMES",
+        _key_names,
+        "a name for --api-key on the dashboard, or FINGERPRINT=NAME for any key (repeatable; env: comma-separated)",
+        repeatable=True,
+    )
+    trust_network: bool = setting(
+        False,
+        "CTCT_PROXY_TRUST_NETWORK",
+        parse_bool,
+        "allow listening beyond loopback without client tokens",
+        is_flag=True,
+    )
+    coalesce: bool = setting(
+        True,
+        "CTCT_PROXY_COALESCE",
+        parse_bool,
+        "identical concurrent GET/HEAD requests each get their own send (default: they share one)",
+        is_flag=True,
+        switch="--no-coalesce",
+        switch_value="false",
+    )
+    cache_ttl: float = setting(
+        DEFAULT_CACHE_TTL,
+        "CTCT_PROXY_CACHE_TTL",
+        _non_negative_float,
+        "seconds a successful GET answer may be reused (0 = no cache)",
+    )
+    cache_max_bytes: int = setting(
+        DEFAULT_CACHE_MAX_BYTES,
+        "CTCT_PROXY_CACHE_MAX_BYTES",
+        _positive_int,
+        "most bytes of answers the cache keeps; least recently used go first",
+    )
+    client_id: Secret | None = setting(
+        None, "CTCT_CLIENT_ID", _secret, "v3 OAuth client id (for refreshing the access token)"
+    )
+    client_secret: Secret | None = setting(
+        None, "CTCT_CLIENT_SECRET", _secret, "v3 OAuth client secret (absent for PKCE apps)"
+    )
+    refresh_token: Secret | None = setting(
+        None, "CTCT_REFRESH_TOKEN", _secret, "v3 OAuth refresh token"
+    )
+    token_url: URL = setting(
+        URL(DEFAULT_TOKEN_URL), "CTCT_PROXY_TOKEN_URL", _http_url, "OAuth token endpoint"
+    )
+    ca_bundle: Path | None = setting(
+        None,
+        "CTCT_PROXY_CA_BUNDLE",
+        _ca_bundle,
+        "CA file for the upstream and token endpoint (replaces the system trust)",
+        also_env=("SSL_CERT_FILE",),
+    )
+    egress_proxy: SecretURL | None = setting(
+        None,
+        "CTCT_PROXY_EGRESS_PROXY",
+        _proxy_url,
+        "forward proxy for outbound calls (wins over HTTPS_PROXY / HTTP_PROXY; NO_PROXY applies)",
+    )
     # Not a setting of its own: the conventional variables, read once like the rest.
     proxy_environment: ProxyEnvironment = field(default_factory=ProxyEnvironment)
 
@@ -557,33 +518,7 @@ class Config:
 
         Raises ConfigError naming the flag (or its environment twin) of the first bad value.
         """
-        values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            given = flags.get(setting.name)
-            source = setting.flag
-            if given is None or given == []:
-                given = env.get(setting.env)
-                source = setting.env
-                for other in setting.also_env:
-                    if given is None and env.get(other):
-                        given, source = env[other], other
-                if given is not None and setting.repeatable:
-                    given = [given]
-            if given is None:
-                if setting.default is None:
-                    continue
-                given, source = setting.default, setting.flag
-            try:
-                if setting.repeatable:
-                    parts: list[object] = []
-                    for item in given if isinstance(given, list) else [given]:
-                        parts.extend(setting.parse(item))
-                    values[setting.name] = tuple(parts)
-                else:
-                    values[setting.name] = setting.parse(str(given))
-            except ValueError as exc:
-                message = str(exc) if "must" in str(exc) else "is not a valid value"
-                raise ConfigError(f"{source}: {message}") from None
+        values = read_settings(SETTINGS, flags, env)
         values.setdefault("state_dir", default_state_dir(env))
         values["proxy_environment"] = ProxyEnvironment.from_env(env)
         config = cls(**values)
@@ -603,9 +538,63 @@ class Config:
         return config
 
 
+def settings_of(cls: type[Any]) -> tuple[Setting, ...]:
+    """The settings declared on a dataclass's fields, in field order, names and defaults set."""
+    rows = []
+    for item in fields(cls):
+        row = item.metadata.get("setting")
+        if isinstance(row, Setting):
+            rows.append(replace(row, name=item.name, default=_shown(item.default)))
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = settings_of(Config)
+
+
+def read_settings(
+    rows: Iterable[Setting], flags: Mapping[str, Any], env: Mapping[str, str]
+) -> dict[str, Any]:
+    """The parsed values of the settings given as flags (None = not given) or in `env`.
+
+    Settings given neither way are left out: their field's default applies. Raises
+    ConfigError naming the flag (or its environment twin) of the first bad value.
+    """
+    values: dict[str, Any] = {}
+    for setting in rows:
+        given = flags.get(setting.name)
+        source = setting.flag
+        if given is None or given == [] or given is False:
+            given = env.get(setting.env)
+            source = setting.env
+            for other in setting.also_env:
+                if given is None and env.get(other):
+                    given, source = env[other], other
+            if given is not None and setting.repeatable:
+                given = [given]
+        if given is None:
+            continue  # the field's own default
+        try:
+            if setting.repeatable:
+                parts: list[object] = []
+                for item in given if isinstance(given, list) else [given]:
+                    parts.extend(setting.parse(item))
+                values[setting.name] = tuple(parts)
+            else:
+                values[setting.name] = setting.parse(str(given))
+        except ValueError as exc:
+            message = str(exc) if "must" in str(exc) else "is not a valid value"
+            raise ConfigError(f"{source}: {message}") from None
+    return values
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting of `serve`."""
+    add_arguments(parser, SETTINGS)
+
+
+def add_arguments(parser: argparse.ArgumentParser, rows: Iterable[Setting]) -> None:
     """Add one flag per setting; defaults stay None so the environment can fill them."""
-    for setting in SETTINGS:
+    for setting in rows:
         help_text = f"{setting.help} [env {setting.env}"
         help_text += f"; default {setting.default}]" if setting.default is not None else "]"
         if setting.is_flag:

@@ -734,9 +734,18 @@ def test_config_rejects_bad_values_naming_the_flag(argv: list[str], flag: str) -
         simulator_config_from_args(parse(argv))
 
 
-def test_parser_rejects_unknown_window() -> None:
-    with pytest.raises(SystemExit):
-        parse(["--window", "sliding"])
+def test_an_unknown_window_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="--window: must be one of rolling, fixed"):
+        simulator_config_from_args(parse(["--window", "sliding"]))
+
+
+def test_every_simulate_flag_has_an_environment_twin_and_flags_win() -> None:
+    env = {"CTCT_SIMULATOR_QPS": "7", "CTCT_SIMULATOR_WINDOW": "fixed"}
+    config = simulator_config_from_args(parse([]), env)
+    assert (config.qps, config.window) == (7, "fixed")
+    assert simulator_config_from_args(parse(["--qps", "9"]), env).qps == 9
+    with pytest.raises(ValueError, match="CTCT_SIMULATOR_QPS"):
+        simulator_config_from_args(parse([]), {"CTCT_SIMULATOR_QPS": "many"})
 
 
 def test_config_repr_hides_secrets() -> None:

@@ -15,7 +15,7 @@ import secrets
 import time
 import webbrowser
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,8 +27,13 @@ from proxy.config import (
     SETTINGS,
     Config,
     ConfigError,
+    add_arguments,
+    parse_bool,
     port_number,
     positive_float,
+    read_settings,
+    setting,
+    settings_of,
 )
 from proxy.credentials import fingerprint
 from proxy.oauth.tokens import FileTokenStore, RefreshFailed, TokenClient, TokenSet, state_path
@@ -45,16 +50,61 @@ class LoginFailed(Exception):
     """`ctct-proxy login` could not get tokens; the message says why (never a secret)."""
 
 
+def _authorize_url(text: str) -> URL:
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host or url.query_string:
+        raise ValueError("must be an http:// or https:// URL with a host and no query")
+    return url
+
+
+def _host(text: str) -> str:
+    if not text or any(c in text for c in "/:?#@ "):
+        raise ValueError("must be a host name such as localhost or 127.0.0.1")
+    return text
+
+
+def _scope(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must name at least one scope")
+    return " ".join(text.split())
+
+
 @dataclass(frozen=True)
 class LoginOptions:
     """How `login` talks to the person and the authorization server."""
 
-    authorize_url: URL = field(default_factory=lambda: URL(DEFAULT_AUTHORIZE_URL))
-    redirect_host: str = DEFAULT_REDIRECT_HOST
-    redirect_port: int = DEFAULT_REDIRECT_PORT
-    scope: str = DEFAULT_SCOPE
-    timeout: float = DEFAULT_LOGIN_TIMEOUT
-    open_browser: bool = False
+    authorize_url: URL = setting(
+        URL(DEFAULT_AUTHORIZE_URL),
+        "CTCT_PROXY_AUTHORIZE_URL",
+        _authorize_url,
+        "the authorization server's authorize URL",
+    )
+    redirect_host: str = setting(
+        DEFAULT_REDIRECT_HOST, "CTCT_PROXY_REDIRECT_HOST", _host, "host name in the redirect URI"
+    )
+    redirect_port: int = setting(
+        DEFAULT_REDIRECT_PORT,
+        "CTCT_PROXY_REDIRECT_PORT",
+        port_number,
+        "loopback port for the redirect (0 = any)",
+    )
+    scope: str = setting(DEFAULT_SCOPE, "CTCT_PROXY_SCOPE", _scope, "scopes to ask for")
+    timeout: float = setting(
+        DEFAULT_LOGIN_TIMEOUT,
+        "CTCT_PROXY_LOGIN_TIMEOUT",
+        positive_float,
+        "seconds to wait for the redirect",
+    )
+    open_browser: bool = setting(
+        False,
+        "CTCT_PROXY_OPEN_BROWSER",
+        parse_bool,
+        "also open the address in the default browser (default: only print it)",
+        is_flag=True,
+    )
+
+
+LOGIN_SETTINGS: Final = settings_of(LoginOptions)
 
 
 def _b64url(data: bytes) -> str:
@@ -212,44 +262,12 @@ _SHARED_FLAGS: Final = (
     "ca_bundle",
     "egress_proxy",
 )
-_LOGIN_ENV: Final = {
-    "authorize_url": "CTCT_PROXY_AUTHORIZE_URL",
-    "redirect_host": "CTCT_PROXY_REDIRECT_HOST",
-    "redirect_port": "CTCT_PROXY_REDIRECT_PORT",
-    "scope": "CTCT_PROXY_SCOPE",
-    "timeout": "CTCT_PROXY_LOGIN_TIMEOUT",
-}
 
 
 def add_login_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `login` command's flags; each has an environment twin."""
-    for setting in SETTINGS:
-        if setting.name in _SHARED_FLAGS:
-            parser.add_argument(
-                setting.flag, dest=setting.name, help=f"{setting.help} [env {setting.env}]"
-            )
-    rows = (
-        (
-            "authorize_url",
-            f"the authorization server's authorize URL; default {DEFAULT_AUTHORIZE_URL}",
-        ),
-        ("redirect_host", f"host name in the redirect URI; default {DEFAULT_REDIRECT_HOST}"),
-        (
-            "redirect_port",
-            f"loopback port for the redirect (0 = any); default {DEFAULT_REDIRECT_PORT}",
-        ),
-        ("scope", f"scopes to ask for; default '{DEFAULT_SCOPE}'"),
-        ("timeout", f"seconds to wait for the redirect; default {DEFAULT_LOGIN_TIMEOUT:g}"),
-    )
-    for name, help_text in rows:
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, help=f"{help_text} [env {_LOGIN_ENV[name]}]"
-        )
-    parser.add_argument(
-        "--open-browser",
-        action="store_true",
-        help="also open the address in the default browser (default: only print it)",
-    )
+    add_arguments(parser, [s for s in SETTINGS if s.name in _SHARED_FLAGS])
+    add_arguments(parser, LOGIN_SETTINGS)
 
 
 def login_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Config, LoginOptions]:
@@ -268,47 +286,7 @@ def login_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Co
         {name: flags.get(name) for name in _SHARED}, {k: env[k] for k in shared_env if k in env}
     )
 
-    def given(name: str) -> tuple[str | None, str]:
-        value = flags.get(name)
-        if value is not None:
-            return str(value), "--" + name.replace("_", "-")
-        return env.get(_LOGIN_ENV[name]), _LOGIN_ENV[name]
-
-    options: dict[str, Any] = {"open_browser": bool(flags.get("open_browser"))}
-    for name, parse in (
-        ("authorize_url", _authorize_url),
-        ("redirect_host", _host),
-        ("redirect_port", port_number),
-        ("scope", _scope),
-        ("timeout", positive_float),
-    ):
-        text, source = given(name)
-        if text is None:
-            continue
-        try:
-            options[name] = parse(text)
-        except ValueError as exc:
-            message = str(exc) if "must" in str(exc) else "is not a valid value"
-            raise ConfigError(f"{source}: {message}") from None
+    options = read_settings(LOGIN_SETTINGS, flags, env)
     if config.client_id is None:
         raise ConfigError("--client-id: is required for login (env CTCT_CLIENT_ID)")
     return config, LoginOptions(**options)
-
-
-def _authorize_url(text: str) -> URL:
-    url = URL(text)
-    if url.scheme not in ("http", "https") or not url.host or url.query_string:
-        raise ValueError("must be an http:// or https:// URL with a host and no query")
-    return url
-
-
-def _host(text: str) -> str:
-    if not text or any(c in text for c in "/:?#@ "):
-        raise ValueError("must be a host name such as localhost or 127.0.0.1")
-    return text
-
-
-def _scope(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must name at least one scope")
-    return " ".join(text.split())

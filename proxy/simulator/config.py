@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Literal
 
+from proxy.config import parse_bool, setting, settings_of
 from proxy.upstream_errors import MASHERY_OVER_QPS, MASHERY_OVER_RATE
 
 Window = Literal["rolling", "fixed"]
@@ -72,6 +73,20 @@ def _require_text(value: str | None, flag: str) -> None:
         raise ValueError(f"{flag} must not be empty")
 
 
+def _window(text: str) -> Window:
+    if text == "rolling":
+        return "rolling"
+    if text == "fixed":
+        return "fixed"
+    raise ValueError(f"must be one of {', '.join(WINDOWS)}")
+
+
+def _fault(text: str) -> str:
+    if text not in FAULTS:
+        raise ValueError(f"must be one of {', '.join(FAULTS)}")
+    return text
+
+
 @dataclass(frozen=True)
 class SimulatorConfig:
     """How the stand-in behaves: which credentials it demands, its limits and its latency.
@@ -79,28 +94,104 @@ class SimulatorConfig:
     Validated on construction; error messages name the command-line flag of the field.
     """
 
-    api_key: str | None = field(default=None, repr=False)
-    access_token: str | None = field(default=None, repr=False)
-    qps: int = DEFAULT_QPS
-    window: Window = "rolling"
-    daily_quota: int = DEFAULT_DAILY_QUOTA
-    latency_in: float = 0.0
-    jitter_in: float = 0.0
-    latency_out: float = 0.0
-    jitter_out: float = 0.0
-    mashery_headers: bool = False
-    neighbour_qps: float = 0.0
-    neighbour_key: str | None = field(default=None, repr=False)
-    seed: int | None = None
-    oauth_client_id: str | None = field(default=None, repr=False)
-    oauth_client_secret: str | None = field(default=None, repr=False)
-    oauth_refresh_token: str | None = field(default=None, repr=False)
-    token_ttl: float = DEFAULT_TOKEN_TTL
-    rotate_refresh_tokens: bool = False
+    api_key: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_API_KEY",
+        str,
+        "demand this v2 api_key (default: accept any one key, count per key)",
+        repr=False,
+    )
+    access_token: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_ACCESS_TOKEN",
+        str,
+        "demand Authorization: Bearer <token> on v2 and v3",
+        repr=False,
+    )
+    qps: int = setting(DEFAULT_QPS, "CTCT_SIMULATOR_QPS", int, "per-key calls per second")
+    window: Window = setting(
+        "rolling",
+        "CTCT_SIMULATOR_WINDOW",
+        _window,
+        "rolling: any 1 s span; fixed: each clock second",
+    )
+    daily_quota: int = setting(
+        DEFAULT_DAILY_QUOTA, "CTCT_SIMULATOR_DAILY_QUOTA", int, "per-key calls per UTC day"
+    )
+    latency_in: float = setting(0.0, "CTCT_SIMULATOR_LATENCY_IN", float, "seconds before arrival")
+    jitter_in: float = setting(0.0, "CTCT_SIMULATOR_JITTER_IN", float, "plus up to this, uniform")
+    latency_out: float = setting(
+        0.0, "CTCT_SIMULATOR_LATENCY_OUT", float, "seconds before answering"
+    )
+    jitter_out: float = setting(0.0, "CTCT_SIMULATOR_JITTER_OUT", float, "plus up to this, uniform")
+    mashery_headers: bool = setting(
+        False,
+        "CTCT_SIMULATOR_MASHERY_HEADERS",
+        parse_bool,
+        "v2 quota 403s also carry X-Mashery-Error-Code (and Retry-After: 1 for qps)",
+        is_flag=True,
+    )
+    neighbour_qps: float = setting(
+        0.0,
+        "CTCT_SIMULATOR_NEIGHBOUR_QPS",
+        float,
+        "another program spends this many calls/s of the neighbour key",
+    )
+    neighbour_key: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_NEIGHBOUR_KEY",
+        str,
+        "the key the neighbour spends (default: --api-key, else v3's)",
+        repr=False,
+    )
+    seed: int | None = setting(None, "CTCT_SIMULATOR_SEED", int, "seed for the jitter")
+    oauth_client_id: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_OAUTH_CLIENT_ID",
+        str,
+        "run the OAuth authorize/token endpoints for this client id; v3 then accepts the "
+        "access tokens they issue",
+        repr=False,
+    )
+    oauth_client_secret: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_OAUTH_CLIENT_SECRET",
+        str,
+        "the client's secret (default: a PKCE app without one)",
+        repr=False,
+    )
+    oauth_refresh_token: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_OAUTH_REFRESH_TOKEN",
+        str,
+        "a refresh token the token endpoint accepts from the start",
+        repr=False,
+    )
+    token_ttl: float = setting(
+        DEFAULT_TOKEN_TTL,
+        "CTCT_SIMULATOR_TOKEN_TTL",
+        float,
+        "seconds an issued access token lives",
+    )
+    rotate_refresh_tokens: bool = setting(
+        False,
+        "CTCT_SIMULATOR_ROTATE_REFRESH_TOKENS",
+        parse_bool,
+        "each refresh returns a new refresh token and invalidates the old one",
+        is_flag=True,
+    )
     # Misbehave on every `fault_every`-th accepted call (FAULTS says how), to reproduce what a
     # real network and server can do to the proxy.
-    fault: str | None = None
-    fault_every: int = 1
+    fault: str | None = setting(
+        None,
+        "CTCT_SIMULATOR_FAULT",
+        _fault,
+        "misbehave like a broken upstream: truncate, reset or stall the body mid-way, answer "
+        "an application 403 that mentions QPS, or a quota error with a huge Retry-After",
+    )
+    fault_every: int = setting(
+        1, "CTCT_SIMULATOR_FAULT_EVERY", int, "misbehave on every Nth accepted call"
+    )
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:
@@ -129,3 +220,6 @@ class SimulatorConfig:
             self.oauth_client_secret is not None or self.oauth_refresh_token is not None
         ):
             raise ValueError("--oauth-client-id is required with the other --oauth-* flags")
+
+
+SIMULATOR_SETTINGS: Final = settings_of(SimulatorConfig)
