@@ -131,6 +131,7 @@ class Exchange:
         arrival: Outbound,
         body: bytes,
         budget: float,
+        token: str | None,
     ) -> None:
         self.state = state
         self.request = request
@@ -141,6 +142,7 @@ class Exchange:
         self.budget = budget
         self.clock = state.engine.clock
         self.tokens = state.tokens_for(target.generation)
+        self.token = token  # the access token `arrival` was made with
         self.url = state.upstream.url(target, arrival.raw_query)
         self.headers: CIMultiDict[str] = outbound_headers(
             request.headers,
@@ -185,15 +187,18 @@ class Exchange:
     async def _attempt(self) -> AsyncIterator[Outcome]:
         """Send once with the credentials current now; the answer is released on exit."""
         token = await self.tokens.current()
-        out = self.state.injector.outbound(
-            self.target.generation,
-            self.target.query,
-            self.request.headers.get("Authorization"),
-            token,
-        )
-        if out.authorization is not None:
-            self.headers["Authorization"] = out.authorization
-        self.url = self.state.upstream.url(self.target, out.raw_query)
+        if token != self.token:
+            # Renewed while queued (or after a 401): the request leaves with the new one.
+            out = self.state.injector.outbound(
+                self.target.generation,
+                self.target.query,
+                self.request.headers.get("Authorization"),
+                token,
+            )
+            if out.authorization is not None:
+                self.headers["Authorization"] = out.authorization
+            self.url = self.state.upstream.url(self.target, out.raw_query)
+            self.token = token
         response: aiohttp.ClientResponse | None = None
         sent = self.clock.monotonic()
         try:
@@ -339,12 +344,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
     record.lane = urgency(headers_in.get("Priority"))
     # The quota key is known from the credentials in effect now; the token itself is chosen
     # again when the request is sent.
-    arrival = state.injector.outbound(
-        target.generation,
-        target.query,
-        client_auth,
-        await state.tokens_for(target.generation).current(),
-    )
+    token = await state.tokens_for(target.generation).current()
+    arrival = state.injector.outbound(target.generation, target.query, client_auth, token)
     record.key = fingerprint(arrival.quota_key)
     budget = float(state.config.max_wait)
     preferred = parse_wait_preference(headers_in.get("Prefer"))
@@ -361,7 +362,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             request,
             queue,
             budget,
-            lambda wait: Exchange(state, request, target, queue, arrival, b"", wait),
+            lambda wait: Exchange(state, request, target, queue, arrival, b"", wait, token),
         )
     # Refuse before reading a body that could not be sent in time anyway.
     queue.check(budget, record.client, record.lane)
@@ -370,7 +371,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         body = await read_body(
             request, state.config.max_body, state.config.body_timeout, state.bodies
         )
-    exchange = Exchange(state, request, target, queue, arrival, body, budget)
+    exchange = Exchange(state, request, target, queue, arrival, body, budget, token)
     if request.method in WRITE_METHODS:
         return await reads.writing(target, exchange.run())
     return await exchange.run()
