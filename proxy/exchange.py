@@ -25,10 +25,9 @@ The upstream's response is released by the one context manager of its attempt.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -119,6 +118,23 @@ class Fail:
 Outcome = Deliver | Requeue | Fail
 
 
+class Attempt:
+    """One send's outcome, and the upstream response it holds until the block ends."""
+
+    __slots__ = ("outcome", "response")
+
+    def __init__(self, outcome: Outcome, response: aiohttp.ClientResponse | None) -> None:
+        self.outcome = outcome
+        self.response = response
+
+    async def __aenter__(self) -> Outcome:
+        return self.outcome
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.response is not None:
+            self.response.release()
+
+
 class Exchange:
     """A request admitted to its key's queue, and its attempts until one outcome ends it."""
 
@@ -169,7 +185,7 @@ class Exchange:
                 now = self.clock.monotonic()
                 self.record.queued = now - ticket.enqueued
                 self.record.waits.append(self.record.queued)
-                async with self._attempt() as outcome:
+                async with await self._attempt() as outcome:
                     if isinstance(outcome, Deliver):
                         queue.sent_ok()
                         return await deliver(outcome)
@@ -183,9 +199,8 @@ class Exchange:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _attempt(self) -> AsyncIterator[Outcome]:
-        """Send once with the credentials current now; the answer is released on exit."""
+    async def _attempt(self) -> Attempt:
+        """Send once with the credentials current now; the answer is released on leaving it."""
         token = await self.tokens.current()
         if token != self.token:
             # Renewed while queued (or after a 401): the request leaves with the new one.
@@ -215,11 +230,7 @@ class Exchange:
             outcome = Requeue(Reason.CONNECTION_LOST, lost)
         except ProxyError as error:
             outcome = Fail(error)
-        try:
-            yield outcome
-        finally:
-            if response is not None:
-                response.release()
+        return Attempt(outcome, response)
 
     async def _classify(self, response: aiohttp.ClientResponse, token: str | None) -> Outcome:
         """The one outcome an upstream answer leads to."""
@@ -364,10 +375,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
             budget,
             lambda wait: Exchange(state, request, target, queue, arrival, b"", wait, token),
         )
-    # Refuse before reading a body that could not be sent in time anyway.
-    queue.check(budget, record.client, record.lane)
     body = b""
     if request.body_exists:
+        # Refuse before reading a body that could not be sent in time anyway.
+        queue.check(budget, record.client, record.lane)
         body = await read_body(
             request, state.config.max_body, state.config.body_timeout, state.bodies
         )

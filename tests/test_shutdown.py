@@ -178,7 +178,7 @@ async def test_an_answer_stalled_mid_body_is_cut_and_the_process_exits_within_gr
 
     app = web.Application()
     app.router.add_get("/v3/contacts", stall)
-    upstream = await start_server(app)
+    upstream = await start_server(app, shutdown_timeout=0.5)  # the stall outlives the test
     served = await serve_proxy(upstream.make_url(""))
     proxy = URL(f"http://127.0.0.1:{served.port}")
 

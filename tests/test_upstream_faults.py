@@ -303,7 +303,10 @@ async def test_the_simulators_faults_reproduce_a_cut_answer(
     fault: str, start_server: ServerFactory, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     """`ctct-proxy simulate --fault …` lets a user see what the proxy does with a broken body."""
-    sim = await start_server(make_simulator_app(SimulatorConfig(fault=fault, fault_every=2)))
+    # A stalled handler is still waiting when the test ends: don't wait its minute out.
+    sim = await start_server(
+        make_simulator_app(SimulatorConfig(fault=fault, fault_every=2)), shutdown_timeout=0.5
+    )
     _, proxy = await start_proxy(proxy_config(tmp_path, sim.make_url(""), upstream_timeout=0.5))
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy / "v3/contacts") as response:

@@ -450,6 +450,7 @@ class Simulator:
         await response.write(body[: max(1, len(body) // 2)])
         transport = request.transport
         if fault == "stall":
+            # Nothing more for a minute.
             await asyncio.sleep(60)
         elif transport is not None and fault == "reset":
             sock = transport.get_extra_info("socket")
