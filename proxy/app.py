@@ -30,7 +30,7 @@ from proxy.egress import upstream_session
 from proxy.errors import StartupError
 from proxy.exchange import expect_continue, forward
 from proxy.files import check_writable_dir
-from proxy.forward import Upstream
+from proxy.forward import Upstream, departures
 from proxy.history import History, HistoryFeed
 from proxy.logs import get_logger
 from proxy.metrics import ConfiguredLimits, Metrics
@@ -134,7 +134,7 @@ async def _token_source(app: web.Application) -> AsyncIterator[None]:
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     """The one client session to the upstreams (TLS trust and egress proxy: `egress.py`)."""
     config = app[CONFIG]
-    session = upstream_session(config)
+    session = upstream_session(config, trace_configs=[departures()])
     # aiohttp re-sends an idempotent request once by itself when a pooled connection breaks:
     # a send outside the key's pacing. The exchange decides about every send, so it is off.
     session._retry_connection = False

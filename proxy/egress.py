@@ -138,7 +138,9 @@ def client_session(config: Config, **options: Any) -> aiohttp.ClientSession:
     )
 
 
-def upstream_session(config: Config) -> aiohttp.ClientSession:
+def upstream_session(
+    config: Config, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> aiohttp.ClientSession:
     """The one session API calls are forwarded on: byte-exact, no cookies, no added headers."""
     return client_session(
         config,
@@ -150,6 +152,7 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
         # Never add headers the client did not send, and never carry cookies between clients.
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=trace_configs,
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ class Exchange:
                 now = self.clock.monotonic()
                 self.record.queued = now - ticket.enqueued
                 self.record.waits.append(self.record.queued)
-                async with await self._attempt() as outcome:
+                async with await self._attempt(ticket) as outcome:
                     if isinstance(outcome, Deliver):
                         queue.sent_ok()
                         return await deliver(outcome)
@@ -199,7 +200,7 @@ class Exchange:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _attempt(self) -> Attempt:
+    async def _attempt(self, ticket: Ticket) -> Attempt:
         """Send once with the credentials current now; the answer is released on leaving it."""
         token = await self.tokens.current()
         if token != self.token:
@@ -218,7 +219,11 @@ class Exchange:
         sent = self.clock.monotonic()
         try:
             response = await self.state.upstream.send(
-                self.request.method, self.url, self.headers, self.body
+                self.request.method,
+                self.url,
+                self.headers,
+                self.body,
+                functools.partial(self.queue.departed, ticket),
             )
             self.record.latencies.append(self.clock.monotonic() - sent)
             self.record.upstream_status = response.status

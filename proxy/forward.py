@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import aiohttp
@@ -243,6 +244,26 @@ def _dropped(always: frozenset[str], connection: str | None) -> frozenset[str]:
     return always | {name.strip().lower() for name in connection.split(",")}
 
 
+Departed = Callable[[], Awaitable[None]]
+
+
+async def _headers_sent(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceRequestHeadersSentParams,
+) -> None:
+    departed = context.trace_request_ctx
+    if departed is not None:
+        await departed()
+
+
+def departures() -> aiohttp.TraceConfig:
+    """The upstream session's trace: tells each send's `departed` when its headers are out."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
+    return trace
+
+
 class Upstream:
     """The one client session to the configured upstreams, and how to call them."""
 
@@ -274,11 +295,13 @@ class Upstream:
         url: URL,
         headers: CIMultiDict[str],
         body: bytes,
+        departed: Departed | None = None,
     ) -> aiohttp.ClientResponse:
         """Send once, re-trying only connections that could not be made (nothing was sent).
 
-        Raises UpstreamUnreachable (502) or UpstreamTimeout (504); their messages never
-        quote the URL, whose query carries the API key.
+        `departed` is awaited when the request's headers are written (the session's
+        `DEPARTURES` trace). Raises UpstreamUnreachable (502) or UpstreamTimeout (504);
+        their messages never quote the URL, whose query carries the API key.
         """
         attempt = 0
         while True:
@@ -289,6 +312,7 @@ class Upstream:
                     headers=headers,
                     data=body or None,
                     allow_redirects=False,
+                    trace_request_ctx=departed,
                 )
             except (aiohttp.ClientSSLError, aiohttp.ClientHttpProxyError) as exc:
                 raise connection_failure(exc, url) from None  # certain to fail again

@@ -17,7 +17,7 @@ from yarl import URL
 from proxy.config import Config
 from proxy.credentials import Secret
 from proxy.errors import Throttled
-from proxy.quota import Limits, LocalBackend, QuotaEngine
+from proxy.quota import KeyQueue, Limits, LocalBackend, QuotaEngine
 from proxy.quota.engine import BACKOFF
 from proxy.quota.fair import Ticket, TicketState
 from proxy.simulator import SimulatorConfig, make_simulator_app
@@ -233,3 +233,58 @@ async def test_a_lost_connection_is_502_not_a_quota_429(
         assert response.status == 502
         assert (await response.json())["error_key"] == "bad_gateway"
     server.close()
+
+
+async def test_a_late_departure_spaces_the_next_send_from_it() -> None:
+    """A send that leaves late (a connection to open) pushes the next one: no bunching."""
+    clock = FakeClock()
+    queue = engine(clock).queue_for("K")
+    first, second = queue.admit(30), queue.admit(30)
+    await clock.advance(0)
+    assert first.future.done()
+    granted = clock.now
+    await clock.advance(0.06)  # the first request's headers leave 60 ms after its slot
+    await queue.departed(first)
+    await clock.advance(SPACING - 0.06 + 0.001)
+    assert not second.future.done()  # its slot was at SPACING; now SPACING after departure
+    await clock.advance(0.06)
+    assert second.future.done()
+    assert second.granted_at is not None
+    assert second.granted_at - (granted + 0.06) >= SPACING - 1e-9
+
+
+async def test_an_on_time_departure_changes_nothing() -> None:
+    clock = FakeClock()
+    queue = engine(clock).queue_for("K")
+    first, second = queue.admit(30), queue.admit(30)
+    await clock.advance(0)
+    await clock.advance(0.001)
+    await queue.departed(first)
+    await clock.advance(SPACING - 0.001)
+    assert second.future.done()
+
+
+async def test_every_send_reports_its_departure(
+    start_server: ServerFactory,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The upstream session's trace tells the queue when each request's headers are out."""
+    seen: list[float | None] = []
+    original = KeyQueue.departed
+
+    async def spy(self: KeyQueue, ticket: Ticket) -> None:
+        seen.append(ticket.granted_at)
+        await original(self, ticket)
+
+    monkeypatch.setattr(KeyQueue, "departed", spy)
+    recorder = Recorder()
+    upstream = (await start_server(recorder.app())).make_url("")
+    _, proxy = await start_proxy(proxy_config(tmp_path, upstream, coalesce=False))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.get(proxy / "v3/contacts") as response:
+                assert response.status == 200
+    assert len(seen) == 3
+    assert all(granted is not None for granted in seen)

@@ -256,6 +256,24 @@ class KeyQueue:
 
     # -- feedback from the upstream --------------------------------------------------------
 
+    async def departed(self, ticket: Ticket) -> None:
+        """The ticket's request has just left for the upstream (its headers are written).
+
+        A send that leaves later than its slot (a new connection to open, a TLS handshake, a
+        busy loop) would arrive bunched with the next one: space the next send from this
+        actual departure, as the pacing model says, on every replica.
+        """
+        granted = ticket.granted_at
+        if granted is None:
+            return
+        now = self._clock.monotonic()
+        if now - granted <= LATE:
+            return
+        pace = self.pace
+        self._not_before = max(self._not_before, now + pace)
+        self._next_free = max(self._next_free, now + pace)
+        await self._backend.hold(self.fingerprint, pace)
+
     def sent_ok(self) -> None:
         """An accepted send: ease the spacing back toward the configured one."""
         base = self._limits.spacing
