@@ -132,6 +132,8 @@ async def run_once(workers: int, priority: bool, seconds: float, qps: int) -> di
                 str(qps),
                 "--state-dir",
                 state,
+                # Every request its own send: this measures the queue's order, not shared reads.
+                "--no-coalesce",
             ]
         )
         try:
