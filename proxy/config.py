@@ -41,7 +41,7 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 # largest size, or thousands of ordinary API calls' JSON, and a bound a container's memory
 # limit can be set from.
 DEFAULT_MAX_BODY_MEMORY = 64 * 1024 * 1024
-# A request body gets this long, plus a second per 16 KiB received (see app._read_body).
+# A request body gets this long, plus a second per 16 KiB received (see exchange.read_body).
 DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_UPSTREAM_TIMEOUT = 60.0

@@ -2,7 +2,7 @@
 
 It prints (and, if asked, opens) Constant Contact's authorize URL, receives the redirect on a
 loopback port, exchanges the code at the token endpoint and saves the token set where
-`serve` finds it (`oauth-tokens.json` under `--state-dir`, see proxy/oauth.py).
+`serve` finds it (`oauth-tokens.json` under `--state-dir`, see proxy/oauth/tokens.py).
 """
 
 from __future__ import annotations

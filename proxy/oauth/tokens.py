@@ -4,7 +4,7 @@
 is configured or `ctct-proxy login` left one under `--state-dir`. It refreshes ahead of
 expiry and after a v3 401, one refresh at a time and never more than one token call a
 second, and it saves a rotated refresh token before it uses the access token that came with
-it. `ctct-proxy login` (proxy/login.py) gets the first token set.
+it. `ctct-proxy login` (proxy/oauth/login.py) gets the first token set.
 
 The token set lives in one file (`oauth-tokens.json`, mode 0600, replaced atomically) behind
 the `TokenStore` protocol. That protocol is also the seam for replicas: a shared store
