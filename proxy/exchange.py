@@ -330,9 +330,8 @@ class Exchange:
             ("X-Request-Id", record.request_id),
             ("Server-Timing", f"queue;dur={record.queued * 1000:.1f}"),
         ]
-        preferred = parse_wait_preference(self.request.headers.get("Prefer"))
-        if preferred is not None and preferred <= state.config.max_wait:
-            extra.append(("Preference-Applied", f"wait={preferred}"))
+        if record.wait_applied is not None:
+            extra.append(("Preference-Applied", f"wait={record.wait_applied}"))
         return extra
 
 
@@ -365,8 +364,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
     record.key = fingerprint(arrival.quota_key)
     budget = float(state.config.max_wait)
     preferred = parse_wait_preference(headers_in.get("Prefer"))
-    if preferred is not None and preferred < budget:
+    if preferred is not None and preferred <= budget:
         budget = float(preferred)
+        record.wait_applied = preferred
     queue = await state.engine.load(arrival.quota_key)
     record.queue = queue
     reads = request.app[READS]

@@ -52,12 +52,11 @@ _SENDS, _REJECTIONS, _REPLAYS = 0, 1, 2
 class _ClientCounts:
     """One client's sends: the last minute in 5-second buckets, and a running total."""
 
-    __slots__ = ("counts", "stamps", "total")
+    __slots__ = ("counts", "stamps")
 
     def __init__(self) -> None:
         self.stamps = array("q", [-1]) * _CLIENT_SLOTS
         self.counts = array("I", [0]) * _CLIENT_SLOTS
-        self.total = 0
 
     def add(self, second: int) -> None:
         slot = second // CLIENT_BUCKET
@@ -65,7 +64,6 @@ class _ClientCounts:
         if self.stamps[i] != slot:
             self.stamps[i], self.counts[i] = slot, 0
         self.counts[i] += 1
-        self.total += 1
 
     def last_minute(self, second: int) -> int:
         newest = second // CLIENT_BUCKET
@@ -244,12 +242,6 @@ class History:
         """(key, sends, rejections, replays) since each key was first seen (or last forgotten)."""
         for key_fp, ring in self._keys.items():
             yield key_fp, ring.totals[_SENDS], ring.totals[_REJECTIONS], ring.totals[_REPLAYS]
-
-    def client_totals(self) -> Iterator[tuple[str, str, int]]:
-        """(key, client, sends) for every named client kept."""
-        for key_fp, ring in self._keys.items():
-            for name, counts in ring.clients.items():
-                yield key_fp, name, counts.total
 
 
 class HistoryFeed:

@@ -43,6 +43,7 @@ class RequestRecord:
     target: str  # as sent: made loggable (secrets out) only when the line is written
     generation: Generation = "v2"
     key: str | None = None
+    wait_applied: int | None = None  # the `Prefer: wait` honoured (echoed in Preference-Applied)
     queue: KeyQueue | None = None
     client: str = ""  # the client's name in its key's fair order ("": not known yet)
     lane: int = DEFAULT_URGENCY  # its RFC 9218 urgency
